@@ -1,0 +1,85 @@
+"""The `asr` command. It only parses the command path and delegates to the module that owns it.
+
+Each command module exposes either
+  add_arguments(parser) and run(args) -> int   (argparse commands), or
+  main(argv) -> int                            (commands with their own parser, e.g. LightningCLI).
+Modules are imported only when their command runs, so `asr --help` stays fast and nothing touches
+CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from asr.errors import UserError
+
+# command path -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("data", "synth"): ("asr.data.synth", "render the default corpus with offline TTS, in LibriSpeech's layout"),
+    ("data", "prepare", "librispeech"): ("asr.data.librispeech", "download (optional) and index LibriSpeech splits into manifests"),
+    ("data", "summary"): ("asr.data.summary", "print utterances, hours, voices and words per manifest"),
+    ("ops", "build"): ("asr.ops.build", "compile the recurrent-op extension ahead of time"),
+    ("bench", "rnn"): ("asr.bench.rnn", "benchmark the recurrent op: persistent vs cuDNN vs reference"),
+    ("train",): ("asr.train", "train a model from a LightningCLI recipe"),
+    ("evaluate",): ("asr.evaluate", "WER/CER of a checkpoint on splits or manifests"),
+    ("transcribe",): ("asr.transcribe", "transcribe audio files with a checkpoint"),
+    ("report",): ("asr.report", "print training speed and WER of runs side by side"),
+}
+
+
+def _usage() -> str:
+    width = max(len(" ".join(path)) for path in COMMANDS)
+    lines = ["usage: asr COMMAND [ARGS...]", "", "commands:"]
+    for path, (_, help_text) in COMMANDS.items():
+        lines.append(f"  {' '.join(path):<{width}}  {help_text}")
+    lines.append("")
+    lines.append("Run `asr COMMAND --help` for a command's arguments.")
+    return "\n".join(lines)
+
+
+def _resolve(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
+    """The longest command path that prefixes argv, and the remaining arguments."""
+    for n in range(min(3, len(argv)), 0, -1):
+        path = tuple(argv[:n])
+        if path in COMMANDS:
+            return path, argv[n:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from asr import __version__
+
+        print(__version__)
+        return 0
+    resolved = _resolve(argv)
+    if resolved is None:
+        print(f"asr: unknown command {' '.join(argv[:3])!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    path, rest = resolved
+    module_name, help_text = COMMANDS[path]
+    prog = "asr " + " ".join(path)
+    try:
+        module = importlib.import_module(module_name)
+        if hasattr(module, "main"):
+            return int(module.main(rest) or 0)
+        parser = argparse.ArgumentParser(prog=prog, description=help_text)
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
