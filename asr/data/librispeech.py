@@ -1,0 +1,251 @@
+"""LibriSpeech in its published layout, and nowhere else.
+
+    <root>/LibriSpeech/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
+    <root>/LibriSpeech/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
+
+`asr data prepare librispeech --root DIR [--download SPLITS]` fetches the OpenSLR archives (resumable,
+checksum-verified) and writes one JSON-lines manifest per split to <root>/manifests/<split>.jsonl.
+Every audio file is decoded once while indexing; a broken file, an audio file without a transcript
+line and a transcript line without audio are each reported, skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from asr.data.audio import SAMPLE_RATE, load_audio
+from asr.data.manifest import Utterance, read_manifest, write_manifest
+from asr.data.text import normalize_text
+from asr.errors import AudioError, UserError
+
+OPENSLR_URL = "https://www.openslr.org/resources/12/"
+# SHA-256 of the published archives (OpenSLR SLR12).
+SPLIT_SHA256 = {
+    "dev-clean": "76f87d090650617fca0cac8f88b9416e0ebf80350acb97b343a85fa903728ab3",
+    "dev-other": "12661c48e8c3fe1de2c1caa4c3e135193bfb1811584f11f569dd12645aa84365",
+    "test-clean": "39fde525e59672dc6d1551919b1478f724438a95aa55f874b576be21967e6c23",
+    "test-other": "d09c181bba5cf717b3dee7d4d592af11a3ee3a09e08ae025c5506f6ebe961c29",
+    "train-clean-100": "d4ddd1d5a6ab303066f14971d768ee43278a5f2a0aa43dc716b0e64ecbbbf6e2",
+    "train-clean-360": "146a56496217e96c14334a160df97fffedd6e0a04e66b9c5af0d40be3c792ecf",
+    "train-other-500": "ddb22f27f96ec163645d53215559df6aa36515f26e01dd70798188350adcb6d2",
+}
+SPLITS = tuple(SPLIT_SHA256)
+DOWNLOAD_CHUNK = 1 << 20  # bytes
+AUDIO_EXTENSIONS = (".flac", ".wav")
+
+
+@dataclass
+class SplitIndex:
+    split: str
+    utterances: list[Utterance] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # "path: reason", one per skipped item
+
+
+# --- download -----------------------------------------------------------------------------------
+
+def download_split(split: str, root: str | os.PathLike, base_url: str = OPENSLR_URL,
+                   sha256: str | None = None, progress: bool = True) -> Path:
+    """Fetch <split>.tar.gz into <root>, resuming a partial download, verify it, and extract it."""
+    if split not in SPLIT_SHA256 and sha256 is None:
+        raise UserError(f"--download {split}: unknown LibriSpeech split (one of {', '.join(SPLITS)})")
+    expected = sha256 or SPLIT_SHA256[split]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / f"{split}.tar.gz"
+    if not (archive.exists() and _sha256(archive) == expected):
+        _fetch_resumable(base_url.rstrip("/") + f"/{split}.tar.gz", archive, progress)
+        actual = _sha256(archive)
+        if actual != expected:
+            bad = archive.with_name(archive.name + ".corrupt")
+            os.replace(archive, bad)
+            raise UserError(f"{archive}: checksum mismatch (sha256 {actual}, expected {expected}); moved to {bad.name}")
+    _extract(archive, root)
+    return root / "LibriSpeech" / split
+
+
+def _fetch_resumable(url: str, dest: Path, progress: bool) -> None:
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # range past the end: the part file is already complete
+            os.replace(part, dest)
+            return
+        raise UserError(f"{url}: download failed (HTTP {err.code} {err.reason})") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise UserError(f"{url}: download failed ({getattr(err, 'reason', err)})") from None
+    with response:
+        resumed = response.status == 206
+        total = response.headers.get("Content-Length")
+        total = int(total) + (have if resumed else 0) if total else None
+        from tqdm import tqdm
+
+        with open(part, "ab" if resumed else "wb") as f, tqdm(
+            total=total, initial=have if resumed else 0, unit="B", unit_scale=True,
+            desc=dest.name, disable=not progress,
+        ) as bar:
+            while chunk := response.read(DOWNLOAD_CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+    os.replace(part, dest)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(DOWNLOAD_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _extract(archive: Path, root: Path) -> None:
+    marker = root / f".{archive.name}.extracted"
+    if marker.exists():
+        return
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")  # refuses absolute paths, links out of root, devices
+    except (tarfile.TarError, OSError) as err:
+        raise UserError(f"{archive}: cannot extract ({err})") from None
+    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+
+# --- indexing -----------------------------------------------------------------------------------
+
+def split_dir(root: str | os.PathLike, split: str) -> Path:
+    return Path(root) / "LibriSpeech" / split
+
+
+def manifest_path(root: str | os.PathLike, split: str) -> Path:
+    return Path(root) / "manifests" / f"{split}.jsonl"
+
+
+def _probe(path: str) -> tuple[str, float | None, str | None]:
+    try:
+        wave = load_audio(path, SAMPLE_RATE)
+    except AudioError as err:
+        return path, None, err.reason
+    return path, wave.numel() / SAMPLE_RATE, None
+
+
+def index_split(root: str | os.PathLike, split: str, workers: int | None = None, progress: bool = True) -> SplitIndex:
+    """Walk one split, decode every audio file, pair it with its transcript line."""
+    base = split_dir(root, split)
+    if not base.is_dir():
+        raise UserError(f"{base}: split directory not found (expected LibriSpeech's layout under --root)")
+    index = SplitIndex(split)
+    transcripts: dict[str, tuple[str, str]] = {}  # utt id -> (text, speaker)
+    audio: dict[str, Path] = {}
+    for speaker_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        for chapter_dir in sorted(p for p in speaker_dir.iterdir() if p.is_dir()):
+            for trans in sorted(chapter_dir.glob("*.trans.txt")):
+                for line_no, line in enumerate(trans.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    utt_id, _, text = line.strip().partition(" ")
+                    normalized = normalize_text(text)
+                    if not normalized:
+                        index.errors.append(f"{trans}:{line_no}: transcript of {utt_id} is empty after normalisation")
+                        continue
+                    transcripts[utt_id] = (normalized, speaker_dir.name)
+            for f in sorted(chapter_dir.iterdir()):
+                if f.suffix.lower() in AUDIO_EXTENSIONS:
+                    audio[f.stem] = f.resolve()
+    for utt_id in sorted(set(transcripts) - set(audio)):
+        index.errors.append(f"{base}: transcript line {utt_id} has no audio file")
+    paired = sorted(set(audio) & set(transcripts))
+    for utt_id in sorted(set(audio) - set(transcripts)):
+        index.errors.append(f"{audio[utt_id]}: no transcript line for this audio file")
+    from tqdm import tqdm
+
+    durations: dict[str, float] = {}
+    workers = workers or os.cpu_count() or 1
+    paths = [str(audio[u]) for u in paired]
+    with ProcessPoolExecutor(workers) as pool:
+        results = pool.map(_probe, paths, chunksize=32)
+        for path, seconds, error in tqdm(results, total=len(paths), unit="file", desc=f"indexing {split}", disable=not progress):
+            if error is None:
+                durations[path] = seconds
+            else:
+                index.errors.append(f"{path}: {error}")
+    for utt_id in paired:
+        path = str(audio[utt_id])
+        if path in durations:
+            text, speaker = transcripts[utt_id]
+            index.utterances.append(Utterance(utt_id, path, round(durations[path], 4), text, speaker))
+    return index
+
+
+def prepare_split(root: str | os.PathLike, split: str, workers: int | None = None, progress: bool = True) -> SplitIndex:
+    """Index a split and write its manifest (and an .errors.txt listing every skipped item)."""
+    index = index_split(root, split, workers, progress)
+    if not index.utterances:
+        raise UserError(f"{split_dir(root, split)}: no readable utterances ({len(index.errors)} errors)")
+    manifest = manifest_path(root, split)
+    write_manifest(manifest, index.utterances)
+    errors = manifest.with_suffix(".errors.txt")
+    if index.errors:
+        errors.write_text("\n".join(index.errors) + "\n", encoding="utf-8")
+    elif errors.exists():
+        errors.unlink()
+    return index
+
+
+def prepare_splits(root, splits, workers=None, progress=True) -> dict[str, list[Utterance]]:
+    out = {}
+    for split in splits:
+        index = prepare_split(root, split, workers, progress)
+        for error in index.errors:
+            print(f"skipped: {error}")
+        print(f"{split}: {len(index.utterances)} utterances indexed, {len(index.errors)} skipped")
+        out[split] = index.utterances
+    return out
+
+
+def load_split(root: str | os.PathLike, split: str) -> list[Utterance]:
+    """A split's utterances from its cached manifest, indexing the split first if there is none."""
+    manifest = manifest_path(root, split)
+    if not manifest.exists():
+        prepare_split(root, split, progress=False)
+    return read_manifest(manifest)
+
+
+# --- command ------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--root", required=True, help="directory holding (or to receive) LibriSpeech/")
+    parser.add_argument("--download", default="", help=f"comma-separated splits to download first ({','.join(SPLITS)})")
+    parser.add_argument("--splits", default="", help="comma-separated splits to index (default: every split present)")
+    parser.add_argument("--mirror", default=OPENSLR_URL, help="base URL of the archives")
+    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+
+
+def _split_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def run(args) -> int:
+    for split in _split_list(args.download):
+        download_split(split, args.root, args.mirror)
+    splits = _split_list(args.splits) or _split_list(args.download)
+    if not splits:
+        base = Path(args.root) / "LibriSpeech"
+        splits = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    if not splits:
+        raise UserError(f"{args.root}: no LibriSpeech/<split> directories found (use --download)")
+    from asr.data.summary import print_summary
+
+    manifests = prepare_splits(args.root, splits, args.workers)
+    print_summary(manifests)
+    return 0
