@@ -1,0 +1,103 @@
+"""`recurrence(...)`: argument checking, canonical shapes, and the choice of backend.
+
+Every backend sees canonical shapes: u (T, N, D, H), w_hh (D, H, H), h0 (N, D, H), lengths (N,)
+int64. One-direction calls (u of rank 3) are lifted to D=1 here and squeezed back on return.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from asr.errors import UserError
+from asr.ops.reference import ACTIVATIONS, recurrence_reference
+
+BACKENDS = ("auto", "persistent", "cudnn", "reference")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+log = logging.getLogger(__name__)
+
+
+def _canonical(u, w_hh, h0, lengths):
+    """Check shapes/dtypes/devices and lift a one-direction call to D=1."""
+    if not isinstance(u, torch.Tensor) or u.dim() not in (3, 4):
+        raise UserError(f"recurrence: u must be a (T, N, H) or (T, N, D, H) tensor, got {_describe(u)}")
+    single_direction = u.dim() == 3
+    if single_direction:
+        u = u.unsqueeze(2)  # (T, N, 1, H)
+    T, N, D, H = u.shape
+    if D not in (1, 2):
+        raise UserError(f"recurrence: u has {D} directions, only 1 or 2 are supported")
+    if u.dtype not in FLOAT_DTYPES:
+        raise UserError(f"recurrence: u must be floating point, got {u.dtype}")
+    expected_w = (H, H) if single_direction else (D, H, H)
+    if not isinstance(w_hh, torch.Tensor) or tuple(w_hh.shape) != expected_w:
+        raise UserError(f"recurrence: w_hh must have shape {expected_w} for u of shape "
+                        f"{tuple(u.shape if not single_direction else u.squeeze(2).shape)}, got {_describe(w_hh)}")
+    w_hh = w_hh.reshape(D, H, H)  # (D, H, H)
+    if h0 is None:
+        h0 = u.new_zeros(N, D, H)
+    else:
+        expected_h = (N, H) if single_direction else (N, D, H)
+        if not isinstance(h0, torch.Tensor) or tuple(h0.shape) != expected_h:
+            raise UserError(f"recurrence: h0 must have shape {expected_h}, got {_describe(h0)}")
+        h0 = h0.reshape(N, D, H)  # (N, D, H)
+    for name, tensor in (("w_hh", w_hh), ("h0", h0)):
+        if tensor.dtype != u.dtype or tensor.device != u.device:
+            raise UserError(f"recurrence: {name} is {tensor.dtype} on {tensor.device}, "
+                            f"u is {u.dtype} on {u.device}; they must match")
+    if lengths is None:
+        lengths = torch.full((N,), T, dtype=torch.long, device=u.device)
+    else:
+        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != N:
+            raise UserError(f"recurrence: lengths must be a ({N},) integer tensor, got {_describe(lengths)}")
+        if lengths.dtype not in (torch.int64, torch.int32):
+            raise UserError(f"recurrence: lengths must be int64 (or int32), got {lengths.dtype}")
+        if lengths.device.type != "cpu" and lengths.device != u.device:
+            raise UserError(f"recurrence: lengths on {lengths.device} but u on {u.device}")
+        if lengths.device.type == "cpu" and N > 0:
+            # Checked only for host lengths: a device-side check would synchronise every call.
+            low, high = int(lengths.min()), int(lengths.max())
+            if low < 0 or high > T:
+                raise UserError(f"recurrence: lengths must lie in [0, T={T}], got values in [{low}, {high}]")
+        lengths = lengths.to(device=u.device, dtype=torch.long)
+    return u, w_hh, h0, lengths, single_direction
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def recurrence(
+    u: torch.Tensor,
+    w_hh: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    activation: str = "relu",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = act(u_t + h_{t-1} @ w_hh.T) over all timesteps; torch.nn.RNN's semantics with b_hh
+    folded into u.
+
+    u: (T, N, H), or (T, N, D, H) with D=2 (direction 1 runs backwards within each length).
+    w_hh: (H, H) or (D, H, H). h0: None (zeros) or (N, H) / (N, D, H).
+    lengths: None (all T) or an int64 (N,) tensor on the CPU or u's device.
+    Returns y (same shape as u, zero at t >= lengths[n]) and h_last ((N, H) / (N, D, H)), the last
+    valid state of each sequence. Differentiable wrt u, w_hh and h0.
+    """
+    if activation not in ACTIVATIONS:
+        raise UserError(f"recurrence: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if backend not in BACKENDS:
+        raise UserError(f"recurrence: backend must be one of {BACKENDS}, got {backend!r}")
+    u4, w3, h03, lengths, single_direction = _canonical(u, w_hh, h0, lengths)
+    if backend == "auto":
+        backend = "reference"
+    if backend != "reference":
+        raise UserError(f"recurrence: backend {backend!r} is not available in this build")
+    y, h_last = recurrence_reference(u4, w3, h03, lengths, activation)
+    if single_direction:
+        return y.squeeze(2), h_last.squeeze(1)  # (T, N, H), (N, H)
+    return y, h_last
