@@ -26,6 +26,7 @@ from asr.data.audio import SAMPLE_RATE, load_audio
 from asr.data.manifest import Utterance, read_manifest, write_manifest
 from asr.data.text import normalize_text
 from asr.errors import AudioError, UserError
+from asr.progress import progress_bar
 
 OPENSLR_URL = "https://www.openslr.org/resources/12/"
 # SHA-256 of the published archives (OpenSLR SLR12).
@@ -89,11 +90,9 @@ def _fetch_resumable(url: str, dest: Path, progress: bool) -> None:
         resumed = response.status == 206
         total = response.headers.get("Content-Length")
         total = int(total) + (have if resumed else 0) if total else None
-        from tqdm import tqdm
-
-        with open(part, "ab" if resumed else "wb") as f, tqdm(
+        with open(part, "ab" if resumed else "wb") as f, progress_bar(
             total=total, initial=have if resumed else 0, unit="B", unit_scale=True,
-            desc=dest.name, disable=not progress,
+            desc=dest.name, enabled=progress,
         ) as bar:
             while chunk := response.read(DOWNLOAD_CHUNK):
                 f.write(chunk)
@@ -167,14 +166,12 @@ def index_split(root: str | os.PathLike, split: str, workers: int | None = None,
     paired = sorted(set(audio) & set(transcripts))
     for utt_id in sorted(set(audio) - set(transcripts)):
         index.errors.append(f"{audio[utt_id]}: no transcript line for this audio file")
-    from tqdm import tqdm
-
     durations: dict[str, float] = {}
     workers = workers or os.cpu_count() or 1
     paths = [str(audio[u]) for u in paired]
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(_probe, paths, chunksize=32)
-        for path, seconds, error in tqdm(results, total=len(paths), unit="file", desc=f"indexing {split}", disable=not progress):
+        for path, seconds, error in progress_bar(results, total=len(paths), unit="file", desc=f"indexing {split}", enabled=progress):
             if error is None:
                 durations[path] = seconds
             else:

@@ -1,0 +1,262 @@
+"""Batching for training and evaluation: duration-capped batches, SortaGrad, DDP sharding.
+
+Every batch is a dict:
+    features        (N, T, F) float32, zero-padded log-mel frames
+    feature_lengths (N,) int64
+    targets         (N, L) int64, token ids padded with 0 (the blank, never a target)
+    target_lengths  (N,) int64
+    texts, ids      list[str]
+    durations       list[float], seconds
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from pathlib import Path
+
+import pytorch_lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from asr.data.audio import load_audio
+from asr.data.features import FeatureConfig, LogMel, SpecAugment, random_speed, speed_perturb
+from asr.data.librispeech import load_split
+from asr.data.manifest import Utterance
+from asr.data.tokenizer import SentencePieceTokenizer, Tokenizer, build_tokenizer, tokenizer_from_state
+from asr.errors import AudioError, UserError
+
+DURATION_BUCKET_SECONDS = 0.5  # utterances this close in length are interchangeable when shuffling
+
+
+def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This rank's share: every utterance on exactly one rank, every rank the same number of batches.
+
+    Uneven counts would leave DDP ranks waiting on each other, so the largest batches are split
+    until the count divides evenly.
+    """
+    if world_size == 1:
+        return batches
+    batches = [list(b) for b in batches]
+    while len(batches) % world_size:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        if len(batches[largest]) < 2:
+            raise UserError(f"cannot shard {len(batches)} single-utterance batches over {world_size} ranks: too few utterances")
+        b = batches.pop(largest)
+        batches[largest:largest] = [b[: len(b) // 2], b[len(b) // 2 :]]
+    return batches[rank::world_size]
+
+
+def pack_batches(order: list[int], durations: list[float], max_batch_seconds: float) -> list[list[int]]:
+    """Consecutive runs of `order` whose padded length (count x longest) stays within the cap."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0.0
+    for i in order:
+        d = durations[i]
+        if current and (len(current) + 1) * max(longest, d) > max_batch_seconds:
+            batches.append(current)
+            current, longest = [], 0.0
+        current.append(i)
+        longest = max(longest, d)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class DurationBatchSampler(Sampler):
+    """Yields lists of (epoch, index). Epoch 0 with SortaGrad goes shortest-first; later epochs shuffle
+    utterances within duration buckets, then shuffle the batches. Deterministic for (seed, epoch)."""
+
+    def __init__(self, durations: list[float], max_batch_seconds: float, shuffle: bool = True,
+                 sortagrad: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if max_batch_seconds <= 0:
+            raise UserError(f"max_batch_seconds {max_batch_seconds}: must be positive")
+        self.durations = list(durations)
+        self.max_batch_seconds = max_batch_seconds
+        self.shuffle, self.sortagrad, self.seed = shuffle, sortagrad, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._skip = 0  # batches of the current epoch already consumed (resume mid-epoch)
+        # Lightning calls set_epoch on `loader.batch_sampler.sampler`, not on the batch sampler itself.
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def fast_forward(self, consumed_batches: int) -> None:
+        """Skip the first `consumed_batches` of the next iteration (used when resuming mid-epoch)."""
+        self._skip = consumed_batches
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        n = len(self.durations)
+        if not self.shuffle or (self.sortagrad and epoch == 0):
+            order = sorted(range(n), key=lambda i: (self.durations[i], i))
+            return shard_batches(pack_batches(order, self.durations, self.max_batch_seconds), self.rank, self.world_size)
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(n))
+        rng.shuffle(order)
+        order.sort(key=lambda i: math.floor(self.durations[i] / DURATION_BUCKET_SECONDS))  # stable: random within a bucket
+        batches = pack_batches(order, self.durations, self.max_batch_seconds)
+        rng.shuffle(batches)
+        return shard_batches(batches, self.rank, self.world_size)
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        for batch in self.batches(self.epoch)[skip:]:
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+
+class UtteranceDataset(Dataset):
+    """Loads audio and computes features on the fly; augmentation is seeded by (seed, epoch, index),
+    so a resumed run sees exactly the batches an uninterrupted run would."""
+
+    def __init__(self, utterances: list[Utterance], tokenizer: Tokenizer, feature_config: FeatureConfig,
+                 augment: bool = False, spec_augment: bool = True, speed_perturb: bool = False, seed: int = 0):
+        self.utterances = utterances
+        self.tokenizer = tokenizer
+        self.logmel = LogMel(feature_config)
+        self.augment = augment
+        self.spec_augment = SpecAugment() if (augment and spec_augment) else None
+        self.speed_perturb = augment and speed_perturb
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        utt = self.utterances[index]
+        try:
+            wave = load_audio(utt.path)
+        except AudioError as err:
+            print(f"warning: skipping {utt.id}: {err}")
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            if self.speed_perturb:
+                wave = speed_perturb(wave, random_speed(random.Random(int(torch.randint(1 << 30, ())))))
+            feats = self.logmel(wave)  # (T, F)
+            if self.spec_augment is not None:
+                feats = self.spec_augment(feats)
+        return {"features": feats, "targets": self.tokenizer.encode(utt.text), "text": utt.text,
+                "id": utt.id, "duration": utt.duration}
+
+
+def collate(items: list[dict | None]) -> dict:
+    items = [it for it in items if it is not None]
+    if not items:
+        return {}
+    n, f = len(items), items[0]["features"].shape[1]
+    t_max = max(it["features"].shape[0] for it in items)
+    l_max = max(len(it["targets"]) for it in items)
+    features = torch.zeros(n, t_max, f)  # (N, T, F)
+    targets = torch.zeros(n, max(l_max, 1), dtype=torch.long)  # (N, L)
+    for k, it in enumerate(items):
+        features[k, : it["features"].shape[0]] = it["features"]
+        targets[k, : len(it["targets"])] = torch.tensor(it["targets"], dtype=torch.long)
+    return {
+        "features": features,
+        "feature_lengths": torch.tensor([it["features"].shape[0] for it in items], dtype=torch.long),
+        "targets": targets,
+        "target_lengths": torch.tensor([len(it["targets"]) for it in items], dtype=torch.long),
+        "texts": [it["text"] for it in items],
+        "ids": [it["id"] for it in items],
+        "durations": [it["duration"] for it in items],
+    }
+
+
+class ASRDataModule(L.LightningDataModule):
+    """A corpus in LibriSpeech's layout under `root`, as training, dev and test batches."""
+
+    def __init__(self, root: str = "data/synth", train_splits: list[str] = ["train"], dev_split: str = "dev",  # noqa: B006
+                 test_splits: list[str] = ["test-clean", "test-unseen-voice"], tokenizer: str = "char",  # noqa: B006
+                 vocab_size: int = 256, sp_model_type: str = "unigram", max_batch_seconds: float = 120.0,
+                 num_workers: int = 2, sortagrad: bool = True, spec_augment: bool = True,
+                 speed_perturb: bool = False, n_mels: int = 80, seed: int = 0,
+                 limit_utterances: int | None = None):
+        super().__init__()
+        self.root = root
+        self.train_splits, self.dev_split, self.test_splits = list(train_splits), dev_split, list(test_splits)
+        self.max_batch_seconds = max_batch_seconds
+        self.num_workers = num_workers
+        self.sortagrad, self.spec_augment, self.speed_perturb = sortagrad, spec_augment, speed_perturb
+        self.seed = seed
+        self.limit_utterances = limit_utterances
+        self.feature_config = FeatureConfig(n_mels=n_mels)
+        self.n_mels = n_mels
+        self.train_utterances = [u for s in self.train_splits for u in self._split(s)]
+        self.tokenizer = self._tokenizer(tokenizer, vocab_size, sp_model_type)
+        self._train_sampler: DurationBatchSampler | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _split(self, split: str) -> list[Utterance]:
+        utts = load_split(self.root, split)
+        if self.limit_utterances is not None and len(utts) > self.limit_utterances:
+            utts = sorted(random.Random(self.seed).sample(utts, self.limit_utterances), key=lambda u: u.id)
+        return utts
+
+    def _tokenizer(self, kind: str, vocab_size: int, model_type: str) -> Tokenizer:
+        texts = [u.text for u in self.train_utterances]
+        if kind == "char":
+            return build_tokenizer("char", texts)
+        # SentencePiece models are cached next to the corpus, keyed by their training text and options.
+        key = hashlib.sha256(("\n".join(texts) + f"|{kind}|{vocab_size}|{model_type}").encode()).hexdigest()[:16]
+        cache = Path(self.root) / "tokenizers" / f"{kind}-{model_type}-{vocab_size}-{key}.model"
+        if cache.exists():
+            return SentencePieceTokenizer(cache.read_bytes())
+        tok = build_tokenizer(kind, texts, vocab_size, model_type)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".part")
+        tmp.write_bytes(tok._proto)
+        tmp.replace(cache)
+        return tok
+
+    def load_tokenizer_state(self, state: dict) -> None:
+        """Use a checkpoint's tokenizer (resume, fine-tuning) instead of the one built here."""
+        self.tokenizer = tokenizer_from_state(state)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _loader(self, utterances: list[Utterance], train: bool) -> DataLoader:
+        if not utterances:
+            raise UserError(f"{self.root}: no utterances to load")
+        rank, world = self._rank_and_world()
+        sampler = DurationBatchSampler([u.duration for u in utterances], self.max_batch_seconds, shuffle=train,
+                                       sortagrad=self.sortagrad, seed=self.seed, rank=rank, world_size=world)
+        dataset = UtteranceDataset(utterances, self.tokenizer, self.feature_config, augment=train,
+                                   spec_augment=self.spec_augment, speed_perturb=self.speed_perturb, seed=self.seed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        loader = self._loader(self.train_utterances, train=True)
+        self._train_sampler = loader.batch_sampler
+        return loader
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._split(self.dev_split), train=False)
+
+    def test_utterances(self, split: str) -> list[Utterance]:
+        return self._split(split)
+
+    def dataloader_for(self, utterances: list[Utterance]) -> DataLoader:
+        """Evaluation batches (no augmentation, shortest first) for any list of utterances."""
+        return self._loader(utterances, train=False)
+
+    @property
+    def train_sampler(self) -> DurationBatchSampler | None:
+        return self._train_sampler

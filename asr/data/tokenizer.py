@@ -1,0 +1,132 @@
+"""Tokenizers for CTC: characters, or SentencePiece (unigram/BPE) trained on a manifest's transcripts.
+
+Index 0 is always the CTC blank. Both round-trip LibriSpeech-normalised text exactly:
+decode(encode(text)) == text.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from typing import Protocol
+
+from asr.data.text import ALPHABET
+from asr.errors import UserError
+
+BLANK = "<blank>"
+CHAR_SPACE = "|"  # the word delimiter token of the character tokenizer
+
+
+class Tokenizer(Protocol):
+    blank_id: int
+    tokens: list[str]
+    word_delimiter: str | None
+
+    @property
+    def vocab_size(self) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def state_dict(self) -> dict: ...
+
+
+class CharTokenizer:
+    """<blank>, "|" (space), apostrophe and A-Z: 29 tokens."""
+
+    blank_id = 0
+    word_delimiter = CHAR_SPACE
+
+    def __init__(self):
+        self.tokens = [BLANK, CHAR_SPACE, *ALPHABET[-1:], *ALPHABET[:-1]]
+        self._index = {t: i for i, t in enumerate(self.tokens)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._index[CHAR_SPACE if ch == " " else ch] for ch in text]
+        except KeyError as err:
+            raise UserError(f"text {text!r}: character {err.args[0]!r} is not in the character vocabulary "
+                            "(transcripts must be LibriSpeech-normalised)") from None
+
+    def decode(self, ids: list[int]) -> str:
+        text = "".join(self.tokens[i] for i in ids if i != self.blank_id)
+        return " ".join(text.replace(CHAR_SPACE, " ").split())
+
+    def state_dict(self) -> dict:
+        return {"type": "char", "tokens": list(self.tokens)}
+
+
+class SentencePieceTokenizer:
+    """SentencePiece pieces shifted by one, so that id 0 is the CTC blank."""
+
+    blank_id = 0
+    word_delimiter = None
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self._proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.tokens = [BLANK] + [self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())]
+
+    @classmethod
+    def train(cls, texts: list[str], vocab_size: int, model_type: str = "unigram") -> "SentencePieceTokenizer":
+        import sentencepiece as spm
+
+        if model_type not in ("unigram", "bpe"):
+            raise UserError(f"model_type {model_type!r}: expected 'unigram' or 'bpe'")
+        texts = [t for t in texts if t]
+        if not texts:
+            raise UserError("cannot train a SentencePiece model on no transcripts")
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = os.path.join(tmp, "text.txt")
+            with open(corpus, "w", encoding="utf-8") as f:
+                f.write("\n".join(texts) + "\n")
+            import io
+
+            model = io.BytesIO()
+            spm.SentencePieceTrainer.train(
+                input=corpus, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+                character_coverage=1.0, normalization_rule_name="identity", unk_id=0, bos_id=-1,
+                eos_id=-1, pad_id=-1, hard_vocab_limit=False, required_chars=ALPHABET,
+                num_threads=1, minloglevel=2, split_digits=False,
+            )
+        return cls(model.getvalue())
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return [i + 1 for i in self._sp.encode(text, out_type=int)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode([i - 1 for i in ids if i != self.blank_id])
+
+    def state_dict(self) -> dict:
+        return {"type": "sentencepiece", "model": base64.b64encode(self._proto).decode("ascii"),
+                "tokens": list(self.tokens)}
+
+
+def tokenizer_from_state(state: dict) -> Tokenizer:
+    kind = state.get("type")
+    if kind == "char":
+        tok = CharTokenizer()
+    elif kind == "sentencepiece":
+        tok = SentencePieceTokenizer(base64.b64decode(state["model"]))
+    else:
+        raise UserError(f"unknown tokenizer type {kind!r} in saved state")
+    if "tokens" in state and list(state["tokens"]) != tok.tokens:
+        raise UserError("saved tokenizer's vocabulary does not match the tokens it was saved with")
+    return tok
+
+
+def build_tokenizer(kind: str, texts: list[str], vocab_size: int = 256, model_type: str = "unigram") -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer()
+    if kind in ("sentencepiece", "spm", "unigram", "bpe"):
+        return SentencePieceTokenizer.train(texts, vocab_size, "bpe" if kind == "bpe" else model_type)
+    raise UserError(f"tokenizer {kind!r}: expected 'char' or 'sentencepiece'")
