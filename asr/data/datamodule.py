@@ -171,7 +171,11 @@ def collate(items: list[dict | None]) -> dict:
 
 
 class ASRDataModule(L.LightningDataModule):
-    """A corpus in LibriSpeech's layout under `root`, as training, dev and test batches."""
+    """A corpus in LibriSpeech's layout under `root`, as training, dev and test batches.
+
+    It shards batches over DDP ranks itself (`shard_batches`), so trainers run it with
+    `use_distributed_sampler=False`.
+    """
 
     def __init__(self, root: str = "data/synth", train_splits: list[str] = ["train"], dev_split: str = "dev",  # noqa: B006
                  test_splits: list[str] = ["test-clean", "test-unseen-voice"], tokenizer: str = "char",  # noqa: B006
