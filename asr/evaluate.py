@@ -1,0 +1,415 @@
+"""Word and character error rates of a model on splits or manifests, with jiwer.
+
+`evaluate(model, utterances, decoders)` is the library function (training calls it at the end of
+a run); `asr evaluate --checkpoint CKPT --split NAME...` is the command around it, which writes
+evaluation.json and evaluation.md and prints the Markdown.
+
+References and hypotheses are both LibriSpeech-normalised before scoring. WER and CER are
+corpus-level: total edits over total reference words (characters, spaces included). The
+real-time factor is processing time over audio time: audio decoding, features, the acoustic
+model, then that decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import torch
+
+from asr.decode import (
+    DEFAULT_BEAM_SIZE,
+    DEFAULT_LM_WEIGHT,
+    DEFAULT_WORD_SCORE,
+    BeamLMDecoder,
+    Decoder,
+    GreedyDecoder,
+    Hypothesis,
+    lexicon_words,
+)
+from asr.errors import AudioError, UserError
+
+DEFAULT_MAX_BATCH_SECONDS = 120.0  # padded audio per acoustic-model batch
+DEFAULT_WORST = 10  # utterances listed per decoder, most word errors first
+DEFAULT_ROOT = "data/synth"
+DECODER_CHOICES = ("greedy", "beam", "both")
+BEAM_NAME = "beam+lm"  # the beam decoder's name in results and reports
+RESULT_JSON = "evaluation.json"
+RESULT_MARKDOWN = "evaluation.md"
+LM_FILE = "lm.arpa"
+
+
+class InferenceModel(Protocol):
+    """What evaluation needs of asr.model.inference.InferenceModel."""
+
+    tokenizer: object
+    feature_config: object
+    frame_shift_seconds: float
+    device: torch.device
+
+    def log_probs(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class UtteranceScore:
+    id: str
+    reference: str
+    hypothesis: str
+    word_errors: int  # substitutions + deletions + insertions
+    reference_words: int
+
+
+@dataclass(frozen=True)
+class DecoderScores:
+    wer: float  # word edits / reference words
+    cer: float  # character edits / reference characters
+    substitutions: int
+    deletions: int
+    insertions: int
+    reference_words: int
+    utterances: int
+    rtf: float  # (audio + features + acoustic model + this decoder) seconds / audio seconds
+    decode_seconds: float  # this decoder alone
+    worst: list[UtteranceScore] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    scores: dict[str, DecoderScores]  # by decoder name
+    utterances: int  # scored
+    skipped: list[tuple[str, str]]  # (utterance id, reason) of utterances whose audio failed
+    audio_seconds: float
+    acoustic_seconds: float  # audio loading, features and the acoustic model
+
+    def to_dict(self) -> dict:
+        return {
+            "utterances": self.utterances,
+            "skipped": [{"id": i, "reason": r} for i, r in self.skipped],
+            "audio_seconds": self.audio_seconds,
+            "acoustic_seconds": self.acoustic_seconds,
+            "decoders": {name: s.to_dict() for name, s in self.scores.items()},
+        }
+
+
+def _normalize(text: str) -> str:
+    from asr.data.text import normalize_text
+
+    return normalize_text(text)
+
+
+def score(references: Sequence[str], hypotheses: Sequence[str], ids: Sequence[str], worst: int = DEFAULT_WORST) -> dict:
+    """Corpus WER/CER and edit counts of normalised texts, and the `worst` utterances."""
+    import jiwer
+
+    refs = [_normalize(r) for r in references]
+    hyps = [_normalize(h) for h in hypotheses]
+    words = jiwer.process_words(refs, hyps)
+    chars = jiwer.process_characters(refs, hyps)
+    per_utterance = []
+    for i, alignment in enumerate(words.alignments):
+        errors = sum(
+            max(c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx) for c in alignment if c.type != "equal"
+        )
+        per_utterance.append(UtteranceScore(ids[i], refs[i], hyps[i], errors, len(refs[i].split())))
+    per_utterance.sort(key=lambda u: (-u.word_errors, -u.word_errors / max(u.reference_words, 1), u.id))
+    reference_words = sum(len(r.split()) for r in refs)
+    reference_chars = sum(len(r) for r in refs)
+    word_edits = words.substitutions + words.deletions + words.insertions
+    char_edits = chars.substitutions + chars.deletions + chars.insertions
+    return {
+        # jiwer's rates are undefined for an all-empty reference; count every inserted word as 100%
+        "wer": word_edits / reference_words if reference_words else float(word_edits > 0),
+        "cer": char_edits / reference_chars if reference_chars else float(char_edits > 0),
+        "substitutions": words.substitutions,
+        "deletions": words.deletions,
+        "insertions": words.insertions,
+        "reference_words": reference_words,
+        "utterances": len(refs),
+        "worst": [u for u in per_utterance[:worst] if u.word_errors > 0],
+    }
+
+
+def _batches(utterances, max_batch_seconds: float) -> list[list[int]]:
+    from asr.data.datamodule import pack_batches
+
+    order = sorted(range(len(utterances)), key=lambda i: utterances[i].duration)
+    return pack_batches(order, [u.duration for u in utterances], max_batch_seconds)
+
+
+def _pad(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
+    batch = torch.zeros(len(features), int(lengths.max()), features[0].shape[1])  # (N, T, F)
+    for k, f in enumerate(features):
+        batch[k, : f.shape[0]] = f
+    return batch, lengths
+
+
+def acoustic_log_probs(model: InferenceModel, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One acoustic-model batch: (N, T', V) float32 log-probs and (N,) lengths, on the CPU."""
+    batch, lengths = _pad(features)
+    with torch.inference_mode():
+        log_probs, out_lengths = model.log_probs(batch.to(model.device), lengths.to(model.device))
+    return log_probs.float().cpu(), out_lengths.cpu()
+
+
+def evaluate(
+    model: InferenceModel,
+    utterances: list,
+    decoders: dict[str, Decoder],
+    max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS,
+    worst: int = DEFAULT_WORST,
+    progress: bool = False,
+) -> EvalResult:
+    """Decode `utterances` (asr.data.manifest.Utterance) with every decoder and score them.
+    Utterances whose audio cannot be read are skipped and listed, not fatal."""
+    from asr.data.audio import load_audio
+    from asr.data.features import LogMel
+
+    if not utterances:
+        raise UserError("nothing to evaluate: no utterances")
+    if not decoders:
+        raise UserError("nothing to evaluate: no decoders")
+    logmel = LogMel(model.feature_config)
+    sample_rate = model.feature_config.sample_rate
+    skipped: list[tuple[str, str]] = []
+    ids: list[str] = []
+    references: list[str] = []
+    hypotheses: dict[str, list[str]] = {name: [] for name in decoders}
+    decode_seconds = {name: 0.0 for name in decoders}
+    acoustic_seconds = 0.0
+    audio_seconds = 0.0
+    batches = _batches(utterances, max_batch_seconds)
+    for number, batch in enumerate(batches, 1):
+        start = time.perf_counter()
+        features, kept = [], []
+        for i in batch:
+            utt = utterances[i]
+            try:
+                wave = load_audio(utt.path, sample_rate)
+            except AudioError as err:
+                skipped.append((utt.id, str(err)))
+                print(f"warning: skipping {utt.id}: {err}", file=sys.stderr)
+                continue
+            audio_seconds += wave.numel() / sample_rate
+            features.append(logmel(wave))  # (T, F)
+            kept.append(utt)
+        if not kept:
+            continue
+        log_probs, out_lengths = acoustic_log_probs(model, features)
+        acoustic_seconds += time.perf_counter() - start
+        for name, decoder in decoders.items():
+            start = time.perf_counter()
+            hyps: list[Hypothesis] = decoder.decode(log_probs, out_lengths)
+            decode_seconds[name] += time.perf_counter() - start
+            hypotheses[name].extend(h.text for h in hyps)
+        ids.extend(u.id for u in kept)
+        references.extend(u.text for u in kept)
+        if progress:
+            print(f"\revaluated {len(ids)}/{len(utterances)} utterances (batch {number}/{len(batches)})", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    if not ids:
+        raise UserError(f"no utterance could be evaluated: the audio of all {len(utterances)} failed to load")
+    scores = {}
+    for name in decoders:
+        scored = score(references, hypotheses[name], ids, worst)
+        rtf = (acoustic_seconds + decode_seconds[name]) / audio_seconds if audio_seconds > 0 else float("nan")
+        scores[name] = DecoderScores(rtf=rtf, decode_seconds=decode_seconds[name], **scored)
+    return EvalResult(scores, len(ids), skipped, audio_seconds, acoustic_seconds)
+
+
+# --- decoders for a model -------------------------------------------------------------------------
+
+
+def arpa_vocabulary(path: str | Path) -> list[str]:
+    """The words of an ARPA model's unigram section (without <s>, </s>, <unk>)."""
+    words = []
+    in_unigrams = False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line == "\\1-grams:":
+                in_unigrams = True
+            elif in_unigrams and line.startswith("\\"):
+                break
+            elif in_unigrams and line:
+                fields = line.split()
+                if len(fields) >= 2 and fields[1] not in ("<s>", "</s>", "<unk>"):
+                    words.append(fields[1])
+    if not words:
+        raise UserError(f"{path}: not an ARPA language model (no unigrams)")
+    return words
+
+
+def build_decoders(
+    tokenizer,
+    which: str = "both",
+    lm_path: str | Path | None = None,
+    lexicon: Iterable[str] | None = None,
+    beam_size: int = DEFAULT_BEAM_SIZE,
+    lm_weight: float = DEFAULT_LM_WEIGHT,
+    word_score: float = DEFAULT_WORD_SCORE,
+) -> dict[str, Decoder]:
+    """{"greedy": ..., "beam+lm": ...} as `which` asks. The beam decoder's lexicon is `lexicon`
+    (training words) or, without it, the LM's vocabulary."""
+    if which not in DECODER_CHOICES:
+        raise UserError(f"--decoder {which!r}: expected one of {', '.join(DECODER_CHOICES)}")
+    decoders: dict[str, Decoder] = {}
+    if which in ("greedy", "both"):
+        decoders["greedy"] = GreedyDecoder(tokenizer)
+    if which in ("beam", "both"):
+        if lm_path is None:
+            raise UserError("the beam decoder needs a language model: give --lm, or a checkpoint that records its training splits")
+        words = list(lexicon) if lexicon is not None else arpa_vocabulary(lm_path)
+        decoders[BEAM_NAME] = BeamLMDecoder(tokenizer, lm_path, words, beam_size=beam_size, lm_weight=lm_weight, word_score=word_score)
+    return decoders
+
+
+def _data_section_of_run_config(checkpoint: Path) -> dict:
+    """The `data` section of the resolved config saved in the checkpoint's run folder (LightningCLI's
+    config.yaml beside the checkpoint or one folder up), or {}."""
+    import yaml
+
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        config_path = folder / "config.yaml"
+        if config_path.is_file():
+            try:
+                config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                return {}
+            data = config.get("data") or {}
+            return data.get("init_args", data) if isinstance(data, dict) else {}
+    return {}
+
+
+def recorded_training_texts(model, checkpoint: str | Path | None = None) -> list[str] | None:
+    """The transcripts a checkpoint was trained on, where it says which: `model.training_texts`
+    (a list), `model.data_config` ({"root", "train_splits"}), or the run folder's config.yaml.
+    None if none of them tells."""
+    texts = getattr(model, "training_texts", None)
+    if texts:
+        return list(texts)
+    config = getattr(model, "data_config", None) or {}
+    if not config.get("train_splits") and checkpoint is not None:
+        config = _data_section_of_run_config(Path(checkpoint))
+    splits, root = config.get("train_splits"), config.get("root")
+    if not splits or not root:
+        return None
+    from asr.data.librispeech import load_split
+
+    return [u.text for split in splits for u in load_split(root, split)]
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.2f}" if isinstance(x, (int, float)) and x == x else "—"
+
+
+def format_markdown(results: dict[str, EvalResult], checkpoint: str = "", worst: int = 5) -> str:
+    lines = [f"# Evaluation{' of ' + checkpoint if checkpoint else ''}", ""]
+    lines += ["| split | decoder | WER % | CER % | sub | del | ins | ref words | utterances | RTF |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for split, result in results.items():
+        for name, s in result.scores.items():
+            lines.append(
+                f"| {split} | {name} | {_pct(s.wer)} | {_pct(s.cer)} | {s.substitutions} | {s.deletions} | "
+                f"{s.insertions} | {s.reference_words} | {s.utterances} | {s.rtf:.3f} |"
+            )
+    for split, result in results.items():
+        if result.skipped:
+            lines += ["", f"**{split}**: {len(result.skipped)} utterance(s) skipped (audio unreadable):"]
+            lines += [f"- {i}: {r}" for i, r in result.skipped[:20]]
+    for split, result in results.items():
+        for name, s in result.scores.items():
+            if not s.worst:
+                continue
+            lines += ["", f"## Worst utterances: {split}, {name}", ""]
+            for u in s.worst[:worst]:
+                lines += [f"- `{u.id}` ({u.word_errors} errors / {u.reference_words} words)", f"  - REF: {u.reference}", f"  - HYP: {u.hypothesis}"]
+    return "\n".join(lines) + "\n"
+
+
+# --- command ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint (.ckpt)")
+    parser.add_argument("--split", action="extend", nargs="+", default=[], metavar="NAME", help="split(s) under --root, e.g. test-clean")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="corpus root holding LibriSpeech/ (default %(default)s)")
+    parser.add_argument("--manifest", action="extend", nargs="+", default=[], metavar="FILE", help="manifest file(s) (JSON lines)")
+    parser.add_argument("--decoder", choices=DECODER_CHOICES, default="both", help="default %(default)s")
+    parser.add_argument("--lm", default=None, help="ARPA word LM for beam search (default: built from the checkpoint's training transcripts)")
+    parser.add_argument("--lm-order", type=int, default=3, help="order of the LM built when --lm is not given (default %(default)s)")
+    parser.add_argument("--beam-size", type=int, default=DEFAULT_BEAM_SIZE, help="default %(default)s")
+    parser.add_argument("--lm-weight", type=float, default=DEFAULT_LM_WEIGHT, help="default %(default)s")
+    parser.add_argument("--word-score", type=float, default=DEFAULT_WORD_SCORE, help="default %(default)s")
+    parser.add_argument("--max-batch-seconds", type=float, default=DEFAULT_MAX_BATCH_SECONDS, help="default %(default)s")
+    parser.add_argument("--worst", type=int, default=DEFAULT_WORST, help="worst utterances kept per decoder (default %(default)s)")
+    parser.add_argument("--out", default=None, help=f"folder for {RESULT_JSON} and {RESULT_MARKDOWN} (default: <checkpoint folder>/eval)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from asr.data.librispeech import load_split
+    from asr.data.manifest import read_manifest
+    from asr.lm import build_arpa
+    from asr.model.inference import load_for_inference
+
+    if not args.split and not args.manifest:
+        raise UserError("give at least one --split NAME or --manifest FILE")
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise UserError(f"{checkpoint}: checkpoint not found")
+    # read every input first, so a bad manifest fails before minutes of decoding
+    sets: dict[str, list] = {}
+    for split in args.split:
+        sets[split] = load_split(args.root, split)
+    for manifest in args.manifest:
+        sets[Path(manifest).stem] = read_manifest(manifest)
+    for name, utterances in sets.items():
+        if not utterances:
+            raise UserError(f"{name}: no utterances")
+
+    out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
+    model = load_for_inference(str(checkpoint), map_location=args.device)
+    lm_path, lexicon = args.lm, None
+    if args.decoder in ("beam", "both"):
+        if lm_path is not None and not Path(lm_path).is_file():
+            raise UserError(f"{lm_path}: language model file not found")
+        texts = recorded_training_texts(model, checkpoint)
+        if texts:
+            lexicon = lexicon_words(texts)
+            if lm_path is None:
+                lm_path = build_arpa(texts, out_dir / LM_FILE, order=args.lm_order)
+                print(f"built a {args.lm_order}-gram LM from {len(texts)} training transcripts: {lm_path}", file=sys.stderr)
+    decoders = build_decoders(model.tokenizer, args.decoder, lm_path, lexicon, args.beam_size, args.lm_weight, args.word_score)
+
+    results = {}
+    for name, utterances in sets.items():
+        print(f"{name}: {len(utterances)} utterances", file=sys.stderr)
+        results[name] = evaluate(model, utterances, decoders, args.max_batch_seconds, args.worst, progress=sys.stderr.isatty())
+    payload = {
+        "checkpoint": str(checkpoint),
+        "lm": None if lm_path is None else str(lm_path),
+        "decoder_options": {"beam_size": args.beam_size, "lm_weight": args.lm_weight, "word_score": args.word_score},
+        "splits": {name: r.to_dict() for name, r in results.items()},
+    }
+    markdown = format_markdown(results, str(checkpoint))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULT_JSON).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    (out_dir / RESULT_MARKDOWN).write_text(markdown, encoding="utf-8")
+    print(markdown)
+    print(f"wrote {out_dir / RESULT_JSON} and {out_dir / RESULT_MARKDOWN}", file=sys.stderr)
+    skipped = sum(len(r.skipped) for r in results.values())
+    if skipped:
+        print(f"warning: {skipped} utterance(s) skipped because their audio could not be read", file=sys.stderr)
+    return 0
