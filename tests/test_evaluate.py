@@ -119,3 +119,89 @@ def test_beam_decoder_in_evaluation_uses_lm_vocabulary(corpus, tmp_path):
     assert "| greedy |" in format_markdown({"test": result})
     with pytest.raises(UserError, match="language model"):
         build_decoders(model.tokenizer, "beam", None)
+
+
+def make_checkpoint(path, vocabulary_override=None):
+    """A real (untrained, tiny) checkpoint in the project's format, loadable by load_for_inference."""
+    from asr.model.deepspeech import DeepSpeech, DeepSpeechConfig
+    from asr.model.inference import NETWORK_PREFIX, checkpoint_payload
+
+    tokenizer = CharTokenizer()
+    config = DeepSpeechConfig(
+        n_mels=FEATURES.n_mels, vocab_size=tokenizer.vocab_size, conv_channels=(4,), conv_kernels=((3, 3),),
+        conv_strides=((2, 2),), rnn_cell="gru", rnn_layers=1, rnn_hidden=16, bidirectional=False,
+    )
+    torch.manual_seed(0)
+    net = DeepSpeech(config)
+    payload = checkpoint_payload(config, tokenizer, FEATURES)
+    if vocabulary_override is not None:
+        payload["vocabulary"] = vocabulary_override
+    state = {NETWORK_PREFIX + k: v for k, v in net.state_dict().items()}
+    torch.save({"asr": payload, "state_dict": state}, path)
+    return path
+
+
+def test_command_writes_json_and_markdown(corpus, tmp_path, capsys):
+    from asr.cli import main
+
+    utterances, _ = corpus
+    manifest = tmp_path / "mini.jsonl"
+    write_manifest(manifest, utterances)  # the last one's audio is missing: skipped and counted
+    (tmp_path / "run").mkdir()
+    ckpt = make_checkpoint(tmp_path / "run" / "last.ckpt")
+    lm = build_arpa([u.text for u in utterances], tmp_path / "lm.arpa")
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--lm", str(lm),
+               "--out", str(out), "--beam-size", "8"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    payload = json.loads((out / "evaluation.json").read_text())
+    split = payload["splits"]["mini"]
+    assert split["utterances"] == 4 and [s["id"] for s in split["skipped"]] == ["gone"]
+    assert set(split["decoders"]) == {"greedy", BEAM_NAME}
+    assert split["decoders"]["greedy"]["reference_words"] == 10
+    assert "| mini | greedy |" in (out / "evaluation.md").read_text()
+    assert "| mini | beam+lm |" in captured.out
+    assert "1 utterance(s) skipped" in captured.err
+
+
+def test_command_bad_input(tmp_path, capsys):
+    from asr.cli import main
+
+    good = make_checkpoint(tmp_path / "good.ckpt")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["evaluate", "--checkpoint", str(good), "--manifest", str(empty), "--decoder", "greedy"]) == 2
+    assert "manifest is empty" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(good), "--decoder", "greedy"]) == 2
+    assert "--split" in capsys.readouterr().err
+    manifest = tmp_path / "one.jsonl"
+    write_audio(tmp_path / "a.wav", 0.3)
+    write_manifest(manifest, [Utterance("a", str(tmp_path / "a.wav"), 0.3, "A", "s")])
+    bad = make_checkpoint(tmp_path / "bad.ckpt", vocabulary_override=["<blank>", "A", "B"])
+    assert main(["evaluate", "--checkpoint", str(bad), "--manifest", str(manifest), "--decoder", "greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "vocabulary mismatch" in err and len(err.strip().splitlines()) == 1
+    # beam search without --lm and without recorded training splits
+    assert main(["evaluate", "--checkpoint", str(good), "--manifest", str(manifest), "--decoder", "beam"]) == 2
+    assert "language model" in capsys.readouterr().err
+
+
+def test_command_builds_lm_from_the_runs_training_splits(corpus, tmp_path, capsys):
+    from asr.cli import main
+    from asr.data.librispeech import manifest_path
+
+    utterances, _ = corpus
+    root = tmp_path / "corpus"
+    write_manifest(manifest_path(root, "train"), utterances[:4])  # the split's cached manifest
+    (tmp_path / "run").mkdir()
+    ckpt = make_checkpoint(tmp_path / "run" / "last.ckpt")
+    (tmp_path / "run" / "config.yaml").write_text(f"data:\n  class_path: x\n  init_args:\n    root: {root}\n    train_splits: [train]\n")
+    manifest = tmp_path / "mini.jsonl"
+    write_manifest(manifest, utterances[:2])
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--decoder", "beam", "--out", str(tmp_path / "e")])
+    assert rc == 0, capsys.readouterr().err
+    payload = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert payload["lm"] == str(tmp_path / "e" / "lm.arpa")
+    assert sorted(arpa_vocabulary(payload["lm"])) == sorted({w for u in utterances[:4] for w in u.text.split()})
+    assert set(payload["splits"]["mini"]["decoders"]) == {BEAM_NAME}
