@@ -1,0 +1,88 @@
+/*
+ * prnn.h - C API of the persistent recurrent kernel.
+ *
+ * The recurrence  h_t = act(u_t + h_{t-1} W^T)  over all timesteps of a padded batch, for one or two
+ * directions, in one persistent launch per pass: each thread block loads its tile of W once, keeps
+ * it on chip for the whole launch and steps through every timestep, with a grid-wide barrier
+ * between timesteps. Backward-data is a second persistent kernel over W^T; dW is left to the caller
+ * (one GEMM over all timesteps).
+ *
+ * Plain C: raw device pointers, a stream, a caller-owned workspace, status codes. No PyTorch types.
+ * Every entry point uses the device that is current on the calling thread (cudaSetDevice) unless it
+ * takes an explicit `device` argument; pointers must belong to that device.
+ */
+#ifndef PRNN_H_
+#define PRNN_H_
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+  PRNN_STATUS_SUCCESS = 0,
+  PRNN_STATUS_INVALID_VALUE = 1,
+  PRNN_STATUS_NOT_SUPPORTED = 2,
+  PRNN_STATUS_WORKSPACE_TOO_SMALL = 3,
+  PRNN_STATUS_CUDA_ERROR = 4
+} prnnStatus_t;
+
+typedef enum { PRNN_ACT_RELU = 0, PRNN_ACT_CLIPPED_RELU = 1, PRNN_ACT_TANH = 2 } prnnActivation_t;
+
+typedef enum { PRNN_DATA_FLOAT = 0, PRNN_DATA_HALF = 1, PRNN_DATA_BFLOAT16 = 2 } prnnDataType_t;
+
+/* Clip value of PRNN_ACT_CLIPPED_RELU: min(max(x, 0), 20), as in Deep Speech 2. */
+#define PRNN_CLIPPED_RELU_CEILING 20.0f
+
+typedef struct {
+  int time_steps;              /* T */
+  int batch;                   /* N */
+  int directions;              /* D: 1 or 2 (direction 1 runs backwards within each length) */
+  int hidden;                  /* H */
+  prnnActivation_t activation;
+  prnnDataType_t dtype;        /* storage type of every tensor; accumulation is fp32 */
+} prnnProblem_t;
+
+const char* prnnStatusString(prnnStatus_t status);
+/* Thread-local detail of this thread's last failure ("" if none yet). */
+const char* prnnLastErrorMessage(void);
+
+/* Can the persistent kernel run p on `device`? If not, *supported = 0 and `reason` says why
+   (e.g. "hidden 4096 fp32 needs 64.0 MiB of weights on chip, this device has 29.3 MiB").
+   Returns SUCCESS whenever the question could be answered (supported or not). */
+prnnStatus_t prnnCheckSupport(const prnnProblem_t* p, int device, int* supported, char* reason,
+                              size_t reason_len);
+
+prnnStatus_t prnnForwardWorkspaceSize(const prnnProblem_t* p, int device, size_t* bytes);
+
+/* u [T,N,D,H], w [D,H,H] row-major (h_t = act(u_t + h_{t-1} w^T)), h0 [N,D,H] or NULL (zeros),
+   lengths: device int32 [N] or NULL (all T); each length must lie in [0, T].
+   Writes y [T,N,D,H] (zero at t >= length) and h_last [N,D,H] (may be NULL: not written).
+   All pointers device memory, contiguous, of the current device. Runs on `stream`. */
+prnnStatus_t prnnForward(const prnnProblem_t* p, const void* u, const void* w, const void* h0,
+                         const int32_t* lengths, void* y, void* h_last, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream);
+
+prnnStatus_t prnnBackwardDataWorkspaceSize(const prnnProblem_t* p, int device, size_t* bytes);
+
+/* From forward's y, dy [T,N,D,H] and dh_last [N,D,H] (or NULL), writes du [T,N,D,H] (grad wrt the
+   pre-activation, which equals grad wrt u; zero at t >= length) and dh0 [N,D,H] (may be NULL).
+   The activation derivative is taken from y (relu: y>0; clipped relu: 0<y<20; tanh: 1-y^2).
+   dW = sum_t du_t^T h_{t-1} is one GEMM left to the caller. */
+prnnStatus_t prnnBackwardData(const prnnProblem_t* p, const void* w, const void* y, const void* dy,
+                              const void* dh_last, const int32_t* lengths, void* du, void* dh0,
+                              void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+/* The grid-wide barrier alone: average microseconds per barrier with `blocks` co-resident blocks
+   (blocks <= 0: as many as the planner would use for one SM-filling grid). Synchronises `stream`. */
+prnnStatus_t prnnMeasureBarrier(int device, int blocks, int iterations, cudaStream_t stream,
+                                float* microseconds);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* PRNN_H_ */

@@ -1,0 +1,396 @@
+// prnn_api.cu - the C API of the persistent recurrent kernel (prnn.h): validation, device limits,
+// planning, co-residency checks, cooperative launch, and the grid-barrier microbenchmark.
+//
+// Environment:
+//   PRNN_DEBUG=1      log each launch's plan to stderr and synchronise after it, so that a device
+//                     fault is reported by the call that caused it (skipped during stream capture).
+//   PRNN_BARRIER=cg   use cooperative_groups grid.sync() instead of the counter barrier.
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <mutex>
+
+#include "prnn.h"
+#include "prnn_kernels.cuh"
+#include "prnn_planner.h"
+
+namespace prnn {
+namespace {
+
+constexpr size_t kErrorMessageBytes = 1024;
+constexpr size_t kWorkspaceHeaderBytes = 256;  // barrier counter, padded to keep the state aligned
+constexpr int kMaxDevices = 64;
+constexpr int kBarrierBenchThreads = 128;
+
+thread_local char g_last_error[kErrorMessageBytes] = "";
+
+prnnStatus_t fail(prnnStatus_t status, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_last_error, sizeof(g_last_error), fmt, ap);
+  va_end(ap);
+  return status;
+}
+
+prnnStatus_t cuda_fail(cudaError_t err, const char* what) {
+  return fail(PRNN_STATUS_CUDA_ERROR, "%s: %s (%s)", what, cudaGetErrorString(err), cudaGetErrorName(err));
+}
+
+bool env_flag(const char* name, const char* value) {
+  const char* v = getenv(name);
+  return v != nullptr && strcmp(v, value) == 0;
+}
+
+bool debug_enabled() {
+  static const bool enabled = env_flag("PRNN_DEBUG", "1");
+  return enabled;
+}
+
+bool use_cg_barrier() {
+  static const bool enabled = env_flag("PRNN_BARRIER", "cg");
+  return enabled;
+}
+
+const char* dtype_name(prnnDataType_t t) {
+  switch (t) {
+    case PRNN_DATA_FLOAT: return "fp32";
+    case PRNN_DATA_HALF: return "fp16";
+    case PRNN_DATA_BFLOAT16: return "bf16";
+  }
+  return "?";
+}
+
+int dtype_bytes(prnnDataType_t t) { return t == PRNN_DATA_FLOAT ? 4 : 2; }
+
+prnnStatus_t validate_problem(const prnnProblem_t* p) {
+  if (p == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "problem is NULL");
+  if (p->time_steps < 0 || p->batch < 0 || p->hidden < 1 || (p->directions != 1 && p->directions != 2))
+    return fail(PRNN_STATUS_INVALID_VALUE,
+                "invalid problem: time_steps=%d batch=%d directions=%d hidden=%d "
+                "(need T >= 0, N >= 0, D in {1, 2}, H >= 1)",
+                p->time_steps, p->batch, p->directions, p->hidden);
+  if (p->activation != PRNN_ACT_RELU && p->activation != PRNN_ACT_CLIPPED_RELU && p->activation != PRNN_ACT_TANH)
+    return fail(PRNN_STATUS_INVALID_VALUE, "invalid activation %d", static_cast<int>(p->activation));
+  if (p->dtype != PRNN_DATA_FLOAT && p->dtype != PRNN_DATA_HALF && p->dtype != PRNN_DATA_BFLOAT16)
+    return fail(PRNN_STATUS_INVALID_VALUE, "invalid dtype %d", static_cast<int>(p->dtype));
+  const double elems = static_cast<double>(p->time_steps) * p->batch * p->directions * p->hidden;
+  if (elems >= 9.0e18) return fail(PRNN_STATUS_INVALID_VALUE, "problem too large");
+  return PRNN_STATUS_SUCCESS;
+}
+
+struct DeviceInfo {
+  DeviceLimits limits;
+  bool cooperative;
+};
+
+// Device properties, read once per device.
+prnnStatus_t device_info(int device, DeviceInfo* info) {
+  static std::mutex mutex;
+  static bool known[kMaxDevices] = {};
+  static DeviceInfo cache[kMaxDevices];
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaGetDeviceCount");
+  if (device < 0 || device >= count || device >= kMaxDevices)
+    return fail(PRNN_STATUS_INVALID_VALUE, "device %d does not exist (%d devices)", device, count);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!known[device]) {
+    DeviceInfo d = {};
+    int v[10] = {};
+    const cudaDeviceAttr attrs[10] = {
+        cudaDevAttrMultiProcessorCount,          cudaDevAttrMaxRegistersPerMultiprocessor,
+        cudaDevAttrMaxRegistersPerBlock,         cudaDevAttrMaxThreadsPerMultiProcessor,
+        cudaDevAttrMaxThreadsPerBlock,           cudaDevAttrMaxBlocksPerMultiprocessor,
+        cudaDevAttrMaxSharedMemoryPerMultiprocessor, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+        cudaDevAttrReservedSharedMemoryPerBlock, cudaDevAttrCooperativeLaunch};
+    for (int i = 0; i < 10; ++i) {
+      err = cudaDeviceGetAttribute(&v[i], attrs[i], device);
+      if (err != cudaSuccess) return cuda_fail(err, "cudaDeviceGetAttribute");
+    }
+    d.limits.sm_count = v[0];
+    d.limits.regs_per_sm = v[1];
+    d.limits.regs_per_block = v[2];
+    d.limits.max_threads_per_sm = v[3];
+    d.limits.max_threads_per_block = v[4];
+    d.limits.max_blocks_per_sm = v[5];
+    d.limits.smem_per_sm = static_cast<size_t>(v[6]);
+    d.limits.smem_per_block_optin = static_cast<size_t>(v[7]);
+    d.limits.smem_reserved_per_block = static_cast<size_t>(v[8]);
+    d.cooperative = v[9] != 0;
+    cache[device] = d;
+    known[device] = true;
+  }
+  *info = cache[device];
+  return PRNN_STATUS_SUCCESS;
+}
+
+prnnStatus_t current_device(int* device) {
+  const cudaError_t err = cudaGetDevice(device);
+  return err == cudaSuccess ? PRNN_STATUS_SUCCESS : cuda_fail(err, "cudaGetDevice");
+}
+
+// Plans problem p for one pass on `device` and confirms co-residency with the runtime's own
+// occupancy calculation. NOT_SUPPORTED (with the reason in `reason`) when it cannot run.
+prnnStatus_t plan_pass(const prnnProblem_t* p, int device, bool backward, Plan* plan, const void** kernel,
+                       char* reason, size_t reason_len) {
+  DeviceInfo info;
+  prnnStatus_t st = device_info(device, &info);
+  if (st != PRNN_STATUS_SUCCESS) return st;
+  if (!info.cooperative) {
+    snprintf(reason, reason_len, "device %d does not support cooperative launch", device);
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  const ProblemShape shape = {p->time_steps, p->batch > 0 ? p->batch : 1, p->directions, p->hidden,
+                              dtype_bytes(p->dtype)};
+  char why[512] = "";
+  if (!make_plan(info.limits, shape, kKernelMaxRegsPerThread, plan, why, sizeof(why))) {
+    snprintf(reason, reason_len, "%s %s: %s", dtype_name(p->dtype), backward ? "backward" : "forward", why);
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  const void* fn = backward ? backward_kernel(p->dtype, plan->row_group) : forward_kernel(p->dtype, plan->row_group);
+  if (fn == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "no kernel for row group %d", plan->row_group);
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, fn);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncGetAttributes");
+  if (attr.numRegs > plan->regs_per_thread || attr.maxThreadsPerBlock < plan->threads) {
+    snprintf(reason, reason_len, "kernel uses %d registers/thread (planned %d) and allows %d threads (planned %d)",
+             attr.numRegs, plan->regs_per_thread, attr.maxThreadsPerBlock, plan->threads);
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, plan->smem_bytes);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  int resident = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, plan->threads, plan->smem_bytes);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (static_cast<long long>(resident) * info.limits.sm_count < plan->blocks) {
+    snprintf(reason, reason_len,
+             "%d blocks of %d threads with %d B shared memory cannot all be resident "
+             "(%d per SM x %d SMs)",
+             plan->blocks, plan->threads, plan->smem_bytes, resident, info.limits.sm_count);
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  *kernel = fn;
+  return PRNN_STATUS_SUCCESS;
+}
+
+size_t workspace_bytes_for(const prnnProblem_t* p) {
+  return kWorkspaceHeaderBytes +
+         2 * static_cast<size_t>(p->batch) * p->directions * p->hidden * sizeof(float);
+}
+
+// Common part of prnnForward / prnnBackwardData once pointers are checked.
+prnnStatus_t run_pass(const prnnProblem_t* p, bool backward, KernelArgs args, void* workspace,
+                      cudaStream_t stream) {
+  int device = 0;
+  prnnStatus_t st = current_device(&device);
+  if (st != PRNN_STATUS_SUCCESS) return st;
+  Plan plan;
+  const void* fn = nullptr;
+  char reason[768] = "";
+  st = plan_pass(p, device, backward, &plan, &fn, reason, sizeof(reason));
+  if (st == PRNN_STATUS_NOT_SUPPORTED) return fail(st, "%s", reason);
+  if (st != PRNN_STATUS_SUCCESS) return st;
+
+  args.barrier_counter = static_cast<unsigned int*>(workspace);
+  args.state = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + kWorkspaceHeaderBytes);
+  args.activation = static_cast<int>(p->activation);
+  args.use_cg_barrier = use_cg_barrier() ? 1 : 0;
+
+  cudaError_t err = cudaMemsetAsync(args.barrier_counter, 0, sizeof(unsigned int), stream);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaMemsetAsync(barrier counter)");
+  void* params[] = {&plan, &args};
+  err = cudaLaunchCooperativeKernel(fn, dim3(plan.blocks), dim3(plan.threads), params,
+                                    static_cast<size_t>(plan.smem_bytes), stream);
+  if (err != cudaSuccess) return cuda_fail(err, backward ? "cooperative launch (backward)" : "cooperative launch (forward)");
+  if (debug_enabled()) {
+    char text[512];
+    describe_plan(plan, text, sizeof(text));
+    fprintf(stderr, "[prnn] %s %s %s barrier=%s\n", backward ? "backward" : "forward", dtype_name(p->dtype),
+            text, args.use_cg_barrier ? "cg" : "counter");
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone) {
+      err = cudaStreamSynchronize(stream);
+      if (err != cudaSuccess) return cuda_fail(err, backward ? "backward kernel" : "forward kernel");
+    }
+  }
+  return PRNN_STATUS_SUCCESS;
+}
+
+// Copies `src` (or zeros when src is null) into `dst` of n elements of p's dtype.
+prnnStatus_t copy_or_zero(const prnnProblem_t* p, void* dst, const void* src, size_t n, cudaStream_t stream) {
+  if (dst == nullptr || n == 0) return PRNN_STATUS_SUCCESS;
+  const size_t bytes = n * dtype_bytes(p->dtype);
+  const cudaError_t err = src != nullptr ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream)
+                                         : cudaMemsetAsync(dst, 0, bytes, stream);  // 0 bits are +0.0
+  return err == cudaSuccess ? PRNN_STATUS_SUCCESS : cuda_fail(err, "copy of the final state");
+}
+
+__global__ void barrier_benchmark_kernel(KernelArgs a, int iterations) {
+  for (int i = 0; i < iterations; ++i) grid_barrier(a, static_cast<unsigned int>(i + 1));
+}
+
+}  // namespace
+}  // namespace prnn
+
+using namespace prnn;
+
+extern "C" {
+
+const char* prnnStatusString(prnnStatus_t status) {
+  switch (status) {
+    case PRNN_STATUS_SUCCESS: return "PRNN_STATUS_SUCCESS";
+    case PRNN_STATUS_INVALID_VALUE: return "PRNN_STATUS_INVALID_VALUE";
+    case PRNN_STATUS_NOT_SUPPORTED: return "PRNN_STATUS_NOT_SUPPORTED";
+    case PRNN_STATUS_WORKSPACE_TOO_SMALL: return "PRNN_STATUS_WORKSPACE_TOO_SMALL";
+    case PRNN_STATUS_CUDA_ERROR: return "PRNN_STATUS_CUDA_ERROR";
+  }
+  return "PRNN_STATUS_UNKNOWN";
+}
+
+const char* prnnLastErrorMessage(void) { return g_last_error; }
+
+prnnStatus_t prnnCheckSupport(const prnnProblem_t* p, int device, int* supported, char* reason, size_t reason_len) {
+  if (supported == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "supported is NULL");
+  *supported = 0;
+  char local[768] = "";
+  if (reason == nullptr || reason_len == 0) {
+    reason = local;
+    reason_len = sizeof(local);
+  }
+  reason[0] = '\0';
+  prnnStatus_t st = validate_problem(p);
+  if (st != PRNN_STATUS_SUCCESS) {
+    snprintf(reason, reason_len, "%s", g_last_error);
+    return st;
+  }
+  for (int pass = 0; pass < 2; ++pass) {
+    Plan plan;
+    const void* fn = nullptr;
+    st = plan_pass(p, device, pass == 1, &plan, &fn, reason, reason_len);
+    if (st == PRNN_STATUS_NOT_SUPPORTED) return PRNN_STATUS_SUCCESS;  // answered: not supported
+    if (st != PRNN_STATUS_SUCCESS) {
+      snprintf(reason, reason_len, "%s", g_last_error);
+      return st;
+    }
+  }
+  *supported = 1;
+  return PRNN_STATUS_SUCCESS;
+}
+
+prnnStatus_t prnnForwardWorkspaceSize(const prnnProblem_t* p, int device, size_t* bytes) {
+  (void)device;  // the workspace does not depend on the device's tiling
+  prnnStatus_t st = validate_problem(p);
+  if (st != PRNN_STATUS_SUCCESS) return st;
+  if (bytes == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "bytes is NULL");
+  *bytes = workspace_bytes_for(p);
+  return PRNN_STATUS_SUCCESS;
+}
+
+prnnStatus_t prnnBackwardDataWorkspaceSize(const prnnProblem_t* p, int device, size_t* bytes) {
+  return prnnForwardWorkspaceSize(p, device, bytes);
+}
+
+prnnStatus_t prnnForward(const prnnProblem_t* p, const void* u, const void* w, const void* h0,
+                         const int32_t* lengths, void* y, void* h_last, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream) {
+  prnnStatus_t st = validate_problem(p);
+  if (st != PRNN_STATUS_SUCCESS) return st;
+  if (p->batch == 0) return PRNN_STATUS_SUCCESS;
+  const size_t state_elems = static_cast<size_t>(p->batch) * p->directions * p->hidden;
+  if (p->time_steps == 0) return copy_or_zero(p, h_last, h0, state_elems, stream);
+  if (u == nullptr || w == nullptr || y == nullptr)
+    return fail(PRNN_STATUS_INVALID_VALUE, "prnnForward: u, w and y must not be NULL");
+  if (workspace == nullptr || workspace_bytes < workspace_bytes_for(p))
+    return fail(PRNN_STATUS_WORKSPACE_TOO_SMALL, "prnnForward: workspace of %zu bytes given, %zu needed",
+                workspace_bytes, workspace_bytes_for(p));
+  KernelArgs args = {};
+  args.u = u;
+  args.h0 = h0;
+  args.y = y;
+  args.h_last = h_last;
+  args.w = w;
+  args.lengths = lengths;
+  return run_pass(p, false, args, workspace, stream);
+}
+
+prnnStatus_t prnnBackwardData(const prnnProblem_t* p, const void* w, const void* y, const void* dy,
+                              const void* dh_last, const int32_t* lengths, void* du, void* dh0,
+                              void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  prnnStatus_t st = validate_problem(p);
+  if (st != PRNN_STATUS_SUCCESS) return st;
+  if (p->batch == 0) return PRNN_STATUS_SUCCESS;
+  const size_t state_elems = static_cast<size_t>(p->batch) * p->directions * p->hidden;
+  if (p->time_steps == 0) return copy_or_zero(p, dh0, dh_last, state_elems, stream);
+  if (w == nullptr || y == nullptr || dy == nullptr || du == nullptr)
+    return fail(PRNN_STATUS_INVALID_VALUE, "prnnBackwardData: w, y, dy and du must not be NULL");
+  if (workspace == nullptr || workspace_bytes < workspace_bytes_for(p))
+    return fail(PRNN_STATUS_WORKSPACE_TOO_SMALL, "prnnBackwardData: workspace of %zu bytes given, %zu needed",
+                workspace_bytes, workspace_bytes_for(p));
+  KernelArgs args = {};
+  args.y_in = y;
+  args.dy = dy;
+  args.dh_last = dh_last;
+  args.du = du;
+  args.dh0 = dh0;
+  args.w = w;
+  args.lengths = lengths;
+  return run_pass(p, true, args, workspace, stream);
+}
+
+prnnStatus_t prnnMeasureBarrier(int device, int blocks, int iterations, cudaStream_t stream, float* microseconds) {
+  if (microseconds == nullptr || iterations < 1)
+    return fail(PRNN_STATUS_INVALID_VALUE, "prnnMeasureBarrier: need iterations >= 1 and a result pointer");
+  DeviceInfo info;
+  prnnStatus_t st = device_info(device, &info);
+  if (st != PRNN_STATUS_SUCCESS) return st;
+  if (!info.cooperative) return fail(PRNN_STATUS_NOT_SUPPORTED, "device %d lacks cooperative launch", device);
+  int previous = 0;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaGetDevice");
+  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return cuda_fail(err, "cudaSetDevice");
+
+  if (blocks <= 0) blocks = info.limits.sm_count;  // the planner's grid: one block per SM
+  const void* fn = reinterpret_cast<const void*>(&barrier_benchmark_kernel);
+  int resident = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, kBarrierBenchThreads, 0);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (static_cast<long long>(resident) * info.limits.sm_count < blocks) {
+    if (previous != device) cudaSetDevice(previous);
+    return fail(PRNN_STATUS_NOT_SUPPORTED, "%d blocks cannot all be resident (%d per SM x %d SMs)", blocks,
+                resident, info.limits.sm_count);
+  }
+  KernelArgs args = {};
+  args.use_cg_barrier = use_cg_barrier() ? 1 : 0;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  float ms_zero = 0.0f, ms_full = 0.0f;
+  st = PRNN_STATUS_SUCCESS;
+  err = cudaMalloc(&args.barrier_counter, sizeof(unsigned int));
+  if (err == cudaSuccess) err = cudaEventCreate(&start);
+  if (err == cudaSuccess) err = cudaEventCreate(&stop);
+  // Run 0 iterations (launch cost alone), then `iterations`; report the difference per barrier.
+  for (int run = 0; run < 3 && err == cudaSuccess; ++run) {  // run 0 warms up
+    int count = run == 1 ? 0 : iterations;
+    err = cudaMemsetAsync(args.barrier_counter, 0, sizeof(unsigned int), stream);
+    if (err == cudaSuccess) err = cudaEventRecord(start, stream);
+    void* params[] = {&args, &count};
+    if (err == cudaSuccess)
+      err = cudaLaunchCooperativeKernel(fn, dim3(blocks), dim3(kBarrierBenchThreads), params, 0, stream);
+    if (err == cudaSuccess) err = cudaEventRecord(stop, stream);
+    if (err == cudaSuccess) err = cudaEventSynchronize(stop);
+    if (err == cudaSuccess) err = cudaEventElapsedTime(run == 1 ? &ms_zero : &ms_full, start, stop);
+  }
+  if (err != cudaSuccess) st = cuda_fail(err, "barrier benchmark");
+  if (start) cudaEventDestroy(start);
+  if (stop) cudaEventDestroy(stop);
+  if (args.barrier_counter) cudaFree(args.barrier_counter);
+  if (previous != device) cudaSetDevice(previous);
+  if (st == PRNN_STATUS_SUCCESS) {
+    const float diff = ms_full - ms_zero;
+    *microseconds = (diff > 0.0f ? diff : ms_full) * 1000.0f / static_cast<float>(iterations);
+  }
+  return st;
+}
+
+}  // extern "C"
