@@ -11,6 +11,8 @@ import logging
 import torch
 
 from asr.errors import UserError
+from asr.ops import build, custom_op
+from asr.ops.cudnn import recurrence_cudnn, unsupported_reason as cudnn_unsupported_reason
 from asr.ops.reference import ACTIVATIONS, recurrence_reference
 
 BACKENDS = ("auto", "persistent", "cudnn", "reference")
@@ -56,13 +58,70 @@ def _canonical(u, w_hh, h0, lengths):
             raise UserError(f"recurrence: lengths must be int64 (or int32), got {lengths.dtype}")
         if lengths.device.type != "cpu" and lengths.device != u.device:
             raise UserError(f"recurrence: lengths on {lengths.device} but u on {u.device}")
-        if lengths.device.type == "cpu" and N > 0:
+        if lengths.device.type == "cpu" and N > 0 and not torch.compiler.is_compiling():
             # Checked only for host lengths: a device-side check would synchronise every call.
             low, high = int(lengths.min()), int(lengths.max())
             if low < 0 or high > T:
                 raise UserError(f"recurrence: lengths must lie in [0, T={T}], got values in [{low}, {high}]")
         lengths = lengths.to(device=u.device, dtype=torch.long)
     return u, w_hh, h0, lengths, single_direction
+
+
+_decisions: dict[tuple, str] = {}
+_logged_fallbacks: set[str] = set()
+
+
+def persistent_unavailable_reason(device_type: str, device_index: int | None, shape: tuple, activation: str,
+                                  dtype: torch.dtype) -> str | None:
+    """None if the extension op can run this problem; otherwise why not, in words."""
+    if device_type not in ("cpu", "cuda"):
+        return f"the extension has no implementation for {device_type} tensors"
+    try:
+        build.load(build.variant_for(device_type))
+    except build.ExtensionUnavailable as err:
+        return str(err)
+    if device_type == "cpu":
+        return None  # the CPU implementation covers every problem
+    T, N, D, H = shape
+    device = device_index if device_index is not None else torch.cuda.current_device()
+    try:
+        supported, reason = custom_op.ops().persistent_support(T, N, D, H, activation, dtype, device)
+    except RuntimeError as err:  # the C API could not answer (a CUDA error): say so, do not crash
+        return f"the support query failed: {err}"
+    return None if supported else (reason or "the persistent kernel does not support this problem")
+
+
+@torch.compiler.assume_constant_result
+def choose_backend(requested: str, device_type: str, device_index: int | None, shape: tuple, activation: str,
+                   dtype: torch.dtype) -> str:
+    """The backend that runs a call: "persistent" (the extension op: the persistent kernel on
+    CUDA, its C++ loop on CPU), "cudnn" or "reference". "auto" takes the persistent op where it
+    can run the problem and otherwise falls back, logging why once per reason. Decisions are
+    cached per problem, and treated as constants under torch.compile."""
+    key = (requested, device_type, device_index, shape, activation, dtype)
+    if key in _decisions:
+        return _decisions[key]
+    if requested == "reference":
+        choice = "reference"
+    elif requested == "cudnn":
+        reason = cudnn_unsupported_reason(activation, None)
+        if reason:
+            raise UserError(f"recurrence: backend 'cudnn': {reason}")
+        choice = "cudnn"
+    else:
+        reason = persistent_unavailable_reason(device_type, device_index, shape, activation, dtype)
+        if reason is None:
+            choice = "persistent"
+        elif requested == "persistent":
+            raise UserError(f"recurrence: backend 'persistent' cannot run this call: {reason}")
+        else:
+            choice = "cudnn" if cudnn_unsupported_reason(activation, None) is None else "reference"
+            message = f"recurrence: backend 'auto' falls back to {choice!r} ({device_type}): {reason}"
+            if message not in _logged_fallbacks:
+                _logged_fallbacks.add(message)
+                log.warning(message)
+    _decisions[key] = choice
+    return choice
 
 
 def _describe(x) -> str:
@@ -92,12 +151,15 @@ def recurrence(
         raise UserError(f"recurrence: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if backend not in BACKENDS:
         raise UserError(f"recurrence: backend must be one of {BACKENDS}, got {backend!r}")
+    full_length = lengths is None
     u4, w3, h03, lengths, single_direction = _canonical(u, w_hh, h0, lengths)
-    if backend == "auto":
-        backend = "reference"
-    if backend != "reference":
-        raise UserError(f"recurrence: backend {backend!r} is not available in this build")
-    y, h_last = recurrence_reference(u4, w3, h03, lengths, activation)
+    chosen = choose_backend(backend, u4.device.type, u4.device.index, tuple(u4.shape), activation, u4.dtype)
+    if chosen == "persistent":
+        y, h_last = custom_op.ops().recurrence_forward(u4, w3, h03, lengths, activation)
+    elif chosen == "cudnn":
+        y, h_last = recurrence_cudnn(u4, w3, h03, lengths, activation, all_full_length=full_length)
+    else:
+        y, h_last = recurrence_reference(u4, w3, h03, lengths, activation)
     if single_direction:
         return y.squeeze(2), h_last.squeeze(1)  # (T, N, H), (N, H)
     return y, h_last

@@ -1,0 +1,169 @@
+"""The C++ extension (CPU-only build here): ops register, the CPU implementation equals the
+reference and torch.nn.RNN, gradcheck, opcheck, torch.compile, and backend selection."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr.errors import UserError
+from asr.ops import build, custom_op, dispatch, recurrence
+from ops_cases import grads, loop_oracle, make_rnn, op_from_rnn, random_problem, rnn_reference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """The CPU-capable build, compiled once and cached under build/ops/."""
+    return build.load("cpu")
+
+
+@pytest.fixture
+def fresh_decisions(monkeypatch):
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    monkeypatch.setattr(dispatch, "_logged_fallbacks", set())
+
+
+def test_ops_register(extension):
+    ops = custom_op.ops()
+    for name in custom_op.TENSOR_OPS + custom_op.QUERY_OPS:
+        assert hasattr(ops, name), name
+    assert ops.cuda_available() == (extension.variant == "cuda")
+    if extension.variant == "cpu":
+        supported, reason = ops.persistent_support(10, 4, 1, 64, "relu", torch.float32, 0)
+        assert not supported and "CPU-only" in reason
+        with pytest.raises(RuntimeError, match="CPU-only"):
+            ops.measure_barrier(0, 0, 10)
+
+
+@pytest.mark.parametrize("activation", ["relu", "clipped_relu", "tanh"])
+@pytest.mark.parametrize("directions", [1, 2])
+@pytest.mark.parametrize("lengths", [None, [9, 0, 4, 1, 9]], ids=["full", "ragged"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_op_matches_reference(extension, activation, directions, lengths, dtype):
+    T, N, H = 9, 5, 6
+    u, w, h0 = random_problem(T, N, directions, H, dtype=dtype, scale=10.0 if activation == "clipped_relu" else 1.0)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    results = {}
+    for backend in ("persistent", "reference"):
+        inputs = [t.clone().requires_grad_() for t in (u, w, h0)]
+        y, h_last = recurrence(*inputs, lengths, activation, backend)
+        results[backend] = (y, h_last, *grads([y, h_last], inputs))
+    tolerance = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for name, ours, oracle in zip(["y", "h_last", "du", "dw", "dh0"], results["persistent"], results["reference"]):
+        torch.testing.assert_close(ours, oracle, **tolerance, msg=lambda m: f"{name}: {m}")
+    if lengths is not None:
+        assert (results["persistent"][0][4:, 2] == 0).all() and (results["persistent"][2][4:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["persistent", "cudnn"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("directions", [1, 2])
+def test_backends_match_torch_rnn(extension, backend, activation, directions):
+    T, N, I, H = 8, 4, 3, 5
+    rnn = make_rnn(I, H, activation, directions)
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(directions, N, H, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([8, 2, 5, 1])
+    inputs = [x, h0, *rnn.parameters()]
+    y_ref, h_ref = rnn_reference(rnn, x, h0, lengths)
+    y_op, h_op = op_from_rnn(rnn, x, h0, lengths, activation, backend)
+    torch.testing.assert_close(y_op, y_ref)
+    torch.testing.assert_close(h_op, h_ref)
+    for g_op, g_ref in zip(grads([y_op, h_op], inputs), grads([y_ref, h_ref], inputs)):
+        torch.testing.assert_close(g_op, g_ref)
+
+
+@pytest.mark.parametrize("activation", ["relu", "clipped_relu", "tanh"])
+def test_cpu_op_gradcheck_float64(extension, activation):
+    u, w, h0 = random_problem(5, 3, 2, 4, scale=8.0 if activation == "clipped_relu" else 1.0)
+    lengths = torch.tensor([5, 2, 0])
+    inputs = [t.requires_grad_() for t in (u, w, h0)]
+    assert torch.autograd.gradcheck(lambda u, w, h0: recurrence(u, w, h0, lengths, activation, "persistent"), inputs)
+
+
+def _opcheck_samples():
+    samples = []
+    for D, lengths in [(1, None), (2, [6, 3, 1]), (2, [0, 6, 2])]:
+        u, w, h0 = random_problem(6, 3, D, 4)
+        lengths = torch.full((3,), 6) if lengths is None else torch.tensor(lengths)
+        samples.append((u.requires_grad_(), w.requires_grad_(), h0.requires_grad_(), lengths))
+    return samples
+
+
+@pytest.mark.parametrize("sample", range(3))
+def test_opcheck(extension, sample):
+    u, w, h0, lengths = _opcheck_samples()[sample]
+    ops = custom_op.ops()
+    torch.library.opcheck(ops.recurrence_forward, (u, w, h0, lengths, "tanh"))
+    y, _ = ops.recurrence_forward(u.detach(), w.detach(), h0.detach(), lengths, "tanh")
+    dy, dh_last = torch.randn_like(y), torch.randn_like(h0)
+    torch.library.opcheck(ops.recurrence_backward_data, (w.detach(), y, dy, dh_last, lengths, "tanh"))
+    torch.library.opcheck(ops.recurrence_backward_weight, (y, h0.detach(), torch.randn_like(y), lengths))
+
+
+def test_torch_compile_fullgraph_with_autograd(extension):
+    u, w, h0 = random_problem(6, 3, 2, 4)
+    lengths = torch.tensor([6, 3, 1])
+
+    def layer(u, w, h0):
+        y, h_last = recurrence(u, w, h0, lengths, "relu", "auto")
+        return y.sum() + h_last.square().sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager_inputs = [t.clone().requires_grad_() for t in (u, w, h0)]
+    compiled_inputs = [t.clone().requires_grad_() for t in (u, w, h0)]
+    eager_loss, compiled_loss = layer(*eager_inputs), compiled(*compiled_inputs)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for a, b in zip(torch.autograd.grad(compiled_loss, compiled_inputs), torch.autograd.grad(eager_loss, eager_inputs)):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_picks_the_cpu_op(extension, fresh_decisions):
+    assert dispatch.choose_backend("auto", "cpu", None, (5, 2, 1, 8), "relu", torch.float32) == "persistent"
+
+
+def test_auto_falls_back_with_a_logged_reason(monkeypatch, fresh_decisions, caplog):
+    def unavailable(variant=None, verbose=False):
+        raise build.ExtensionUnavailable("no C++ compiler on this machine (simulated)")
+
+    monkeypatch.setattr(build, "load", unavailable)
+    u, w, h0 = random_problem(5, 2, 1, 4)
+    with caplog.at_level(logging.WARNING, logger="asr.ops.dispatch"):
+        y, h_last = recurrence(u[:, :, 0], w[0], h0[:, 0], activation="relu")
+        recurrence(u[:, :, 0], w[0], h0[:, 0], activation="relu")
+        y_clip, _ = recurrence(u[:, :, 0], w[0], h0[:, 0], activation="clipped_relu")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("falls back to 'cudnn'" in m and "simulated" in m for m in messages) == 1  # logged once
+    assert any("falls back to 'reference'" in m for m in messages)  # nn.RNN has no clipped ReLU
+    y_ref, h_ref = recurrence(u[:, :, 0], w[0], h0[:, 0], activation="relu", backend="reference")
+    torch.testing.assert_close(y, y_ref)
+    with pytest.raises(UserError, match="simulated"):
+        recurrence(u[:, :, 0], w[0], h0[:, 0], activation="relu", backend="persistent")
+
+
+def test_cudnn_backend_rejects_clipped_relu():
+    u, w, h0 = random_problem(3, 2, 1, 4)
+    with pytest.raises(UserError, match="no clipped_relu"):
+        recurrence(u, w, h0, activation="clipped_relu", backend="cudnn")
+
+
+@pytest.mark.slow
+def test_cuda_variant_builds_and_registers(tmp_path):
+    """The CUDA build of binding + kernels compiles with this machine's nvcc and its ops register
+    (no GPU needed to load it). One architecture, to keep the compile short."""
+    if build.find_nvcc() is None:
+        pytest.skip("no nvcc on this machine")
+    if not list(build.CSRC_DIR.glob("prnn_*.cu")):
+        pytest.skip("the CUDA kernels (csrc/prnn_*.cu) are not in the tree yet")
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("ASR_TEST_CUDA_ARCH_LIST", "9.0"),
+               PYTHONPATH=str(REPO), ASR_OPS_VARIANT="cuda")
+    result = subprocess.run([sys.executable, "-m", "asr.cli", "ops", "build", "--variant", "cuda"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "CUDA kernels: yes" in result.stdout and "recurrence_backward_data" in result.stdout
