@@ -128,8 +128,10 @@ __device__ void load_weight_tile(const Plan& p, const KernelArgs& a, T* w_s, int
 
 // Epilogue operands of one (row, sequence) element, loaded ahead of the matrix product so that
 // their global-memory latency overlaps it.
+constexpr int kStageUnroll = 8;  // loads in flight per thread while staging the state
+
 struct EpilogueInputs {
-  float a;      // forward: u; backward: dy (+ dh_last where it enters)
+  float a;      // forward: u; backward: dy
   float b;      // backward: y
   int length;
 };
@@ -196,19 +198,33 @@ persistent_rnn_kernel(const Plan p, const KernelArgs a) {
       }
 
       // Stage the previous state of sequences n0 .. n0+nb-1 (zeros past nb and at the first step).
-      for (int j = 0; j < nb_rounded; ++j) {
-        const int n = n0 + j;
-        const size_t base = (static_cast<size_t>(n) * D + d) * H;
-        for (int k = threadIdx.x; k < H; k += blockDim.x) {
-          float v = 0.0f;
-          if (j < nb) {
-            if (s > 0) {
-              v = __ldcg(src + base + k);  // written by other blocks: read through L2, not L1
-            } else if (!kBackward && a.h0 != nullptr) {
-              v = to_float(static_cast<const T*>(a.h0)[base + k]);
+      // Each thread issues kStageUnroll independent loads before its first store, so the L2
+      // latency is paid about once per step rather than once per element.
+      {
+        const int total = nb_rounded * H;  // x_s is [j][k], so element idx is x_s[idx]
+        for (int base = threadIdx.x; base < total; base += blockDim.x * kStageUnroll) {
+          float v[kStageUnroll];
+#pragma unroll
+          for (int q = 0; q < kStageUnroll; ++q) {
+            const int idx = base + q * blockDim.x;
+            v[q] = 0.0f;
+            if (idx < total) {
+              const int j = idx / H, k = idx - j * H;
+              const size_t o = (static_cast<size_t>(n0 + j) * D + d) * H + k;
+              if (j < nb) {
+                if (s > 0) {
+                  v[q] = __ldcg(src + o);  // written by other blocks: read through L2, not L1
+                } else if (!kBackward && a.h0 != nullptr) {
+                  v[q] = to_float(static_cast<const T*>(a.h0)[o]);
+                }
+              }
             }
           }
-          x_s[j * H + k] = v;
+#pragma unroll
+          for (int q = 0; q < kStageUnroll; ++q) {
+            const int idx = base + q * blockDim.x;
+            if (idx < total) x_s[idx] = v[q];
+          }
         }
       }
       __syncthreads();
