@@ -42,6 +42,10 @@ BEAM_NAME = "beam+lm"  # the beam decoder's name in results and reports
 RESULT_JSON = "evaluation.json"
 RESULT_MARKDOWN = "evaluation.md"
 LM_FILE = "lm.arpa"
+# lm_weight x word_score grid searched by tune_beam (on a dev split)
+TUNE_LM_WEIGHTS = (0.5, 1.0, 2.0, 3.0)
+TUNE_WORD_SCORES = (-1.0, 0.0, 1.0)
+TUNE_MAX_UTTERANCES = 200
 
 
 class InferenceModel(Protocol):
@@ -160,36 +164,26 @@ def acoustic_log_probs(model: InferenceModel, features: list[torch.Tensor]) -> t
     return log_probs.float().cpu(), out_lengths.cpu()
 
 
-def evaluate(
-    model: InferenceModel,
-    utterances: list,
-    decoders: dict[str, Decoder],
-    max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS,
-    worst: int = DEFAULT_WORST,
-    progress: bool = False,
-) -> EvalResult:
-    """Decode `utterances` (asr.data.manifest.Utterance) with every decoder and score them.
-    Utterances whose audio cannot be read are skipped and listed, not fatal."""
+@dataclass
+class _AcousticBatch:
+    utterances: list  # the batch's readable utterances
+    log_probs: torch.Tensor  # (N, T', V) float32, CPU
+    lengths: torch.Tensor  # (N,)
+    audio_seconds: float
+    seconds: float  # audio loading + features + acoustic model
+
+
+def _acoustic_batches(model: InferenceModel, utterances: list, max_batch_seconds: float, skipped: list[tuple[str, str]]):
+    """Yield _AcousticBatch per batch, shortest utterances first; utterances whose audio cannot be
+    read are appended to `skipped` as (id, reason) and left out."""
     from asr.data.audio import load_audio
     from asr.data.features import LogMel
 
-    if not utterances:
-        raise UserError("nothing to evaluate: no utterances")
-    if not decoders:
-        raise UserError("nothing to evaluate: no decoders")
     logmel = LogMel(model.feature_config)
     sample_rate = model.feature_config.sample_rate
-    skipped: list[tuple[str, str]] = []
-    ids: list[str] = []
-    references: list[str] = []
-    hypotheses: dict[str, list[str]] = {name: [] for name in decoders}
-    decode_seconds = {name: 0.0 for name in decoders}
-    acoustic_seconds = 0.0
-    audio_seconds = 0.0
-    batches = _batches(utterances, max_batch_seconds)
-    for number, batch in enumerate(batches, 1):
+    for batch in _batches(utterances, max_batch_seconds):
         start = time.perf_counter()
-        features, kept = [], []
+        features, kept, audio_seconds = [], [], 0.0
         for i in batch:
             utt = utterances[i]
             try:
@@ -201,19 +195,44 @@ def evaluate(
             audio_seconds += wave.numel() / sample_rate
             features.append(logmel(wave))  # (T, F)
             kept.append(utt)
-        if not kept:
-            continue
-        log_probs, out_lengths = acoustic_log_probs(model, features)
-        acoustic_seconds += time.perf_counter() - start
+        if kept:
+            log_probs, out_lengths = acoustic_log_probs(model, features)
+            yield _AcousticBatch(kept, log_probs, out_lengths, audio_seconds, time.perf_counter() - start)
+
+
+def evaluate(
+    model: InferenceModel,
+    utterances: list,
+    decoders: dict[str, Decoder],
+    max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS,
+    worst: int = DEFAULT_WORST,
+    progress: bool = False,
+) -> EvalResult:
+    """Decode `utterances` (asr.data.manifest.Utterance) with every decoder and score them.
+    Utterances whose audio cannot be read are skipped and listed, not fatal."""
+    if not utterances:
+        raise UserError("nothing to evaluate: no utterances")
+    if not decoders:
+        raise UserError("nothing to evaluate: no decoders")
+    skipped: list[tuple[str, str]] = []
+    ids: list[str] = []
+    references: list[str] = []
+    hypotheses: dict[str, list[str]] = {name: [] for name in decoders}
+    decode_seconds = {name: 0.0 for name in decoders}
+    acoustic_seconds = 0.0
+    audio_seconds = 0.0
+    for batch in _acoustic_batches(model, utterances, max_batch_seconds, skipped):
+        acoustic_seconds += batch.seconds
+        audio_seconds += batch.audio_seconds
         for name, decoder in decoders.items():
             start = time.perf_counter()
-            hyps: list[Hypothesis] = decoder.decode(log_probs, out_lengths)
+            hyps: list[Hypothesis] = decoder.decode(batch.log_probs, batch.lengths)
             decode_seconds[name] += time.perf_counter() - start
             hypotheses[name].extend(h.text for h in hyps)
-        ids.extend(u.id for u in kept)
-        references.extend(u.text for u in kept)
+        ids.extend(u.id for u in batch.utterances)
+        references.extend(u.text for u in batch.utterances)
         if progress:
-            print(f"\revaluated {len(ids)}/{len(utterances)} utterances (batch {number}/{len(batches)})", end="", file=sys.stderr)
+            print(f"\revaluated {len(ids) + len(skipped)}/{len(utterances)} utterances", end="", file=sys.stderr)
     if progress:
         print(file=sys.stderr)
     if not ids:
@@ -224,6 +243,53 @@ def evaluate(
         rtf = (acoustic_seconds + decode_seconds[name]) / audio_seconds if audio_seconds > 0 else float("nan")
         scores[name] = DecoderScores(rtf=rtf, decode_seconds=decode_seconds[name], **scored)
     return EvalResult(scores, len(ids), skipped, audio_seconds, acoustic_seconds)
+
+
+@dataclass(frozen=True)
+class BeamTuning:
+    lm_weight: float  # the best of the grid
+    word_score: float
+    wer: float  # its WER on the tuning utterances
+    utterances: int  # how many were decoded
+    grid: list[tuple[float, float, float]]  # every (lm_weight, word_score, wer) tried
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tune_beam(
+    model: InferenceModel,
+    utterances: list,
+    lm_path: str | Path,
+    lexicon: Iterable[str],
+    lm_weights: Sequence[float] = TUNE_LM_WEIGHTS,
+    word_scores: Sequence[float] = TUNE_WORD_SCORES,
+    beam_size: int = DEFAULT_BEAM_SIZE,
+    max_utterances: int = TUNE_MAX_UTTERANCES,
+    max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS,
+) -> BeamTuning:
+    """Grid-search the beam decoder's lm_weight and word_score for the lowest WER on (at most
+    max_utterances, evenly spread, of) `utterances` — a dev split, never a test split. The
+    acoustic model runs once; each grid point rebuilds the decoder (and reloads the LM)."""
+    if not utterances:
+        raise UserError("nothing to tune on: no utterances")
+    ordered = sorted(utterances, key=lambda u: u.id)
+    step = max(1, len(ordered) // max_utterances)
+    subset = ordered[::step][:max_utterances]
+    batches = list(_acoustic_batches(model, subset, max_batch_seconds, skipped=[]))
+    if not batches:
+        raise UserError("nothing to tune on: no utterance's audio could be read")
+    references = [u.text for b in batches for u in b.utterances]
+    ids = [u.id for b in batches for u in b.utterances]
+    lexicon = list(lexicon)
+    grid = []
+    for lm_weight in lm_weights:
+        for word_score in word_scores:
+            decoder = BeamLMDecoder(model.tokenizer, lm_path, lexicon, beam_size=beam_size, lm_weight=lm_weight, word_score=word_score)
+            hypotheses = [h.text for b in batches for h in decoder.decode(b.log_probs, b.lengths)]
+            grid.append((lm_weight, word_score, score(references, hypotheses, ids, worst=0)["wer"]))
+    best = min(grid, key=lambda g: (g[2], g[0], abs(g[1])))
+    return BeamTuning(best[0], best[1], best[2], len(references), grid)
 
 
 # --- decoders for a model -------------------------------------------------------------------------
@@ -308,6 +374,59 @@ def recorded_training_texts(model, checkpoint: str | Path | None = None) -> list
     return [u.text for split in splits for u in load_split(root, split)]
 
 
+def evaluate_splits(
+    model: InferenceModel,
+    splits: dict[str, list],
+    training_texts: Sequence[str] | None,
+    out_dir: str | Path,
+    decoder: str = "both",
+    lm_path: str | Path | None = None,
+    lm_order: int = 3,
+    tune_on: list | None = None,
+    beam_size: int = DEFAULT_BEAM_SIZE,
+    lm_weight: float = DEFAULT_LM_WEIGHT,
+    word_score: float = DEFAULT_WORD_SCORE,
+    max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS,
+    worst: int = DEFAULT_WORST,
+    progress: bool = False,
+) -> dict:
+    """Everything `asr evaluate` and the end of training do: build the word LM from the training
+    transcripts (unless lm_path is given) into out_dir, optionally tune lm_weight/word_score on
+    `tune_on` (dev utterances), evaluate every split with the chosen decoders, and write
+    evaluation.json + evaluation.md into out_dir. Returns the JSON payload; its "eval" entry is
+    {split: {decoder: scores}} as the run report wants it."""
+    out_dir = Path(out_dir)
+    lexicon = lexicon_words(training_texts) if training_texts else None
+    if decoder in ("beam", "both") and lm_path is None and training_texts:
+        from asr.lm import build_arpa
+
+        lm_path = build_arpa(training_texts, out_dir / LM_FILE, order=lm_order)
+        print(f"built a {lm_order}-gram word LM from {len(training_texts)} training transcripts: {lm_path}", file=sys.stderr)
+    tuning = None
+    if tune_on and decoder in ("beam", "both") and lm_path is not None:
+        tuning = tune_beam(model, tune_on, lm_path, lexicon if lexicon is not None else arpa_vocabulary(lm_path),
+                           beam_size=beam_size, max_batch_seconds=max_batch_seconds)
+        lm_weight, word_score = tuning.lm_weight, tuning.word_score
+        print(f"tuned on {tuning.utterances} utterances: lm_weight {lm_weight}, word_score {word_score} (WER {100 * tuning.wer:.2f}%)", file=sys.stderr)
+    decoders = build_decoders(model.tokenizer, decoder, lm_path, lexicon, beam_size, lm_weight, word_score)
+    results = {}
+    for name, utterances in splits.items():
+        print(f"evaluating {name}: {len(utterances)} utterances", file=sys.stderr)
+        results[name] = evaluate(model, utterances, decoders, max_batch_seconds, worst, progress=progress)
+    payload = {
+        "lm": None if lm_path is None else str(lm_path),
+        "decoder_options": {"beam_size": beam_size, "lm_weight": lm_weight, "word_score": word_score,
+                            "tuning": None if tuning is None else tuning.to_dict()},
+        "splits": {name: r.to_dict() for name, r in results.items()},
+        "eval": {name: {d: s.to_dict() for d, s in r.scores.items()} for name, r in results.items()},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULT_JSON).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    (out_dir / RESULT_MARKDOWN).write_text(format_markdown(results), encoding="utf-8")
+    payload["markdown"] = format_markdown(results)
+    return payload
+
+
 # --- Markdown -------------------------------------------------------------------------------------
 
 
@@ -354,6 +473,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--word-score", type=float, default=DEFAULT_WORD_SCORE, help="default %(default)s")
     parser.add_argument("--max-batch-seconds", type=float, default=DEFAULT_MAX_BATCH_SECONDS, help="default %(default)s")
     parser.add_argument("--worst", type=int, default=DEFAULT_WORST, help="worst utterances kept per decoder (default %(default)s)")
+    parser.add_argument("--tune-on", default=None, metavar="SPLIT", help="tune --lm-weight and --word-score on this split under --root first (a dev split)")
     parser.add_argument("--out", default=None, help=f"folder for {RESULT_JSON} and {RESULT_MARKDOWN} (default: <checkpoint folder>/eval)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
 
@@ -361,7 +481,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from asr.data.librispeech import load_split
     from asr.data.manifest import read_manifest
-    from asr.lm import build_arpa
     from asr.model.inference import load_for_inference
 
     if not args.split and not args.manifest:
@@ -369,47 +488,29 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: checkpoint not found")
+    if args.lm is not None and not Path(args.lm).is_file():
+        raise UserError(f"{args.lm}: language model file not found")
     # read every input first, so a bad manifest fails before minutes of decoding
-    sets: dict[str, list] = {}
+    splits: dict[str, list] = {}
     for split in args.split:
-        sets[split] = load_split(args.root, split)
+        splits[split] = load_split(args.root, split)
     for manifest in args.manifest:
-        sets[Path(manifest).stem] = read_manifest(manifest)
-    for name, utterances in sets.items():
-        if not utterances:
-            raise UserError(f"{name}: no utterances")
+        splits[Path(manifest).stem] = read_manifest(manifest)
+    tune_on = load_split(args.root, args.tune_on) if args.tune_on else None
 
-    out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
     model = load_for_inference(str(checkpoint), map_location=args.device)
-    lm_path, lexicon = args.lm, None
-    if args.decoder in ("beam", "both"):
-        if lm_path is not None and not Path(lm_path).is_file():
-            raise UserError(f"{lm_path}: language model file not found")
-        texts = recorded_training_texts(model, checkpoint)
-        if texts:
-            lexicon = lexicon_words(texts)
-            if lm_path is None:
-                lm_path = build_arpa(texts, out_dir / LM_FILE, order=args.lm_order)
-                print(f"built a {args.lm_order}-gram LM from {len(texts)} training transcripts: {lm_path}", file=sys.stderr)
-    decoders = build_decoders(model.tokenizer, args.decoder, lm_path, lexicon, args.beam_size, args.lm_weight, args.word_score)
-
-    results = {}
-    for name, utterances in sets.items():
-        print(f"{name}: {len(utterances)} utterances", file=sys.stderr)
-        results[name] = evaluate(model, utterances, decoders, args.max_batch_seconds, args.worst, progress=sys.stderr.isatty())
-    payload = {
-        "checkpoint": str(checkpoint),
-        "lm": None if lm_path is None else str(lm_path),
-        "decoder_options": {"beam_size": args.beam_size, "lm_weight": args.lm_weight, "word_score": args.word_score},
-        "splits": {name: r.to_dict() for name, r in results.items()},
-    }
-    markdown = format_markdown(results, str(checkpoint))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESULT_JSON).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    (out_dir / RESULT_MARKDOWN).write_text(markdown, encoding="utf-8")
-    print(markdown)
+    texts = recorded_training_texts(model, checkpoint) if args.decoder in ("beam", "both") else None
+    if args.decoder in ("beam", "both") and args.lm is None and not texts:
+        raise UserError("the beam decoder needs a language model: give --lm, or a checkpoint whose run records its training splits")
+    out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
+    payload = evaluate_splits(
+        model, splits, texts, out_dir, decoder=args.decoder, lm_path=args.lm, lm_order=args.lm_order, tune_on=tune_on,
+        beam_size=args.beam_size, lm_weight=args.lm_weight, word_score=args.word_score,
+        max_batch_seconds=args.max_batch_seconds, worst=args.worst, progress=sys.stderr.isatty(),
+    )
+    print(payload["markdown"])
     print(f"wrote {out_dir / RESULT_JSON} and {out_dir / RESULT_MARKDOWN}", file=sys.stderr)
-    skipped = sum(len(r.skipped) for r in results.values())
+    skipped = sum(len(s["skipped"]) for s in payload["splits"].values())
     if skipped:
         print(f"warning: {skipped} utterance(s) skipped because their audio could not be read", file=sys.stderr)
     return 0

@@ -183,3 +183,33 @@ def test_beam_times_words_the_model_ran_together(tmp_path):
     spec = ["T", "H", "E", "<blank>", "C", "A", "T"]
     [hyp] = decoder.decode(frames(tok, spec), torch.tensor([len(spec)]))
     assert hyp.words == [WordTiming("THE", 0, 3), WordTiming("CAT", 4, 7)]
+
+
+SENTENCES = ["THE LAW WILL NEVER MAKE MEN FREE", "IT IS MEN WHO HAVE GOT TO MAKE THE LAW FREE", "DON'T DRIVE AT THE LIMIT"]
+
+
+def _spelled(tokenizer, text):
+    """A confident CTC path for text: each token on one frame, a blank after it. (1, T, V)"""
+    spec = []
+    for token in tokenizer.encode(text):
+        spec += [tokenizer.tokens[token], "<blank>"]
+    return frames(tokenizer, spec), len(spec)
+
+
+@pytest.mark.parametrize("kind", ["char", "sentencepiece"])
+def test_real_tokenizers_round_trip_through_both_decoders(tmp_path, kind):
+    from asr.data.tokenizer import CharTokenizer, SentencePieceTokenizer
+
+    tok = CharTokenizer() if kind == "char" else SentencePieceTokenizer.train(SENTENCES * 4, vocab_size=40)
+    lm = build_arpa(SENTENCES, tmp_path / "lm.arpa")
+    beam = BeamLMDecoder(tok, lm, lexicon_words(SENTENCES))
+    assert beam.lexicon_size == len(lexicon_words(SENTENCES))
+    for text in SENTENCES:
+        log_probs, T = _spelled(tok, text)
+        [greedy_hyp] = GreedyDecoder(tok).decode(log_probs, torch.tensor([T]))
+        [beam_hyp] = beam.decode(log_probs, torch.tensor([T]))
+        assert greedy_hyp.text == beam_hyp.text == text
+        assert [w.start_frame for w in beam_hyp.words] == [w.start_frame for w in greedy_hyp.words]
+        # words are in order and do not overlap
+        for a, b in zip(greedy_hyp.words, greedy_hyp.words[1:]):
+            assert a.start_frame < a.end_frame <= b.start_frame

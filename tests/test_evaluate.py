@@ -11,7 +11,7 @@ import torch
 from asr.data.features import FeatureConfig
 from asr.data.manifest import Utterance, write_manifest
 from asr.data.tokenizer import CharTokenizer
-from asr.decode import GreedyDecoder
+from asr.decode import GreedyDecoder, lexicon_words
 from asr.errors import UserError
 from asr.evaluate import BEAM_NAME, arpa_vocabulary, build_decoders, evaluate, format_markdown, score
 from asr.lm import build_arpa
@@ -205,3 +205,35 @@ def test_command_builds_lm_from_the_runs_training_splits(corpus, tmp_path, capsy
     assert payload["lm"] == str(tmp_path / "e" / "lm.arpa")
     assert sorted(arpa_vocabulary(payload["lm"])) == sorted({w for u in utterances[:4] for w in u.text.split()})
     assert set(payload["splits"]["mini"]["decoders"]) == {BEAM_NAME}
+
+
+def test_tune_beam_searches_the_grid(corpus, tmp_path):
+    from asr.evaluate import tune_beam
+
+    utterances, scripts = corpus
+    model = ScriptedModel(scripts)
+    texts = [u.text for u in utterances[:4]]
+    lm = build_arpa(texts, tmp_path / "lm.arpa")
+    tuning = tune_beam(model, utterances, lm, lexicon_words(texts), lm_weights=(0.5, 2.0), word_scores=(-1.0, 0.0, 1.0), max_utterances=3)
+    assert tuning.utterances == 2  # the first 3 by id are gone, u0, u1; "gone" has no audio
+    assert [(w, s) for w, s, _ in tuning.grid] == [(0.5, -1.0), (0.5, 0.0), (0.5, 1.0), (2.0, -1.0), (2.0, 0.0), (2.0, 1.0)]
+    assert tuning.wer == min(wer for _, _, wer in tuning.grid)
+    assert (tuning.lm_weight, tuning.word_score, tuning.wer) in tuning.grid
+
+
+def test_command_tunes_on_a_dev_split(corpus, tmp_path, capsys):
+    from asr.cli import main
+    from asr.data.librispeech import manifest_path
+
+    utterances, _ = corpus
+    root = tmp_path / "corpus"
+    write_manifest(manifest_path(root, "dev"), utterances[:3])
+    ckpt = make_checkpoint(tmp_path / "m.ckpt")
+    lm = build_arpa([u.text for u in utterances], tmp_path / "lm.arpa")
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--split", "dev", "--root", str(root), "--lm", str(lm),
+               "--tune-on", "dev", "--out", str(tmp_path / "e"), "--beam-size", "4"])
+    assert rc == 0, capsys.readouterr().err
+    options = json.loads((tmp_path / "e" / "evaluation.json").read_text())["decoder_options"]
+    tuning = options["tuning"]
+    assert len(tuning["grid"]) == 12 and tuning["utterances"] == 3
+    assert (options["lm_weight"], options["word_score"]) == (tuning["lm_weight"], tuning["word_score"])
