@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,7 @@ def _quiet_stderr():
     """KenLM prints a progress bar to the process's stderr while it reads an ARPA file: keep it
     off the terminal, and show it only if loading fails."""
     fd = 2
+    sys.stderr.flush()
     try:
         saved = os.dup(fd)
     except OSError:  # no stderr to redirect

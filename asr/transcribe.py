@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,17 +130,18 @@ def _decoder(args, model, checkpoint: Path) -> Decoder:
 
     if args.decoder == "greedy":
         return build_decoders(model.tokenizer, "greedy")["greedy"]
-    lm_path, lexicon = args.lm, None
+    if args.lm is not None and not Path(args.lm).is_file():
+        raise UserError(f"{args.lm}: language model file not found")
     texts = recorded_training_texts(model, checkpoint)
-    if texts:
-        lexicon = lexicon_words(texts)
-        if lm_path is None:
-            import tempfile
-
+    lexicon = lexicon_words(texts) if texts else None
+    # the decoder reads the LM into memory when it is built: a temporary one can go right after
+    with tempfile.TemporaryDirectory(prefix="asr-lm-") as tmp:
+        lm_path = args.lm
+        if lm_path is None and texts:
             from asr.lm import build_arpa
 
-            lm_path = build_arpa(texts, Path(tempfile.mkdtemp(prefix="asr-lm-")) / "lm.arpa")
-    decoders = build_decoders(model.tokenizer, "beam", lm_path, lexicon, args.beam_size, args.lm_weight, args.word_score)
+            lm_path = build_arpa(texts, Path(tmp) / "lm.arpa")
+        decoders = build_decoders(model.tokenizer, "beam", lm_path, lexicon, args.beam_size, args.lm_weight, args.word_score)
     return next(iter(decoders.values()))
 
 

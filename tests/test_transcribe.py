@@ -91,3 +91,17 @@ def test_command_text_json_and_exit_status(tmp_path, capsys):
 
     assert main(["transcribe", str(ckpt), str(tmp_path / "a.wav"), "--chunk-seconds", "0.1"]) == 2
     assert "--chunk-seconds" in capsys.readouterr().err
+
+
+def test_command_with_beam_search(tmp_path, capsys):
+    from asr.cli import main
+    from asr.lm import build_arpa
+
+    ckpt = make_checkpoint(tmp_path / "m.ckpt")
+    write_audio(tmp_path / "a.wav", 0.6)
+    lm = build_arpa(["HELLO WORLD", "HELLO THERE"], tmp_path / "lm.arpa")
+    assert main(["transcribe", str(ckpt), str(tmp_path / "a.wav"), "--decoder", "beam", "--lm", str(lm), "--json"]) == 0
+    [item] = json.loads(capsys.readouterr().out)
+    assert set(item["text"].split()) <= {"HELLO", "WORLD", "THERE"}  # only lexicon words
+    assert main(["transcribe", str(ckpt), str(tmp_path / "a.wav"), "--decoder", "beam"]) == 2  # no LM, none recorded
+    assert "language model" in capsys.readouterr().err
