@@ -25,6 +25,7 @@ from typing import Iterable, Protocol, Sequence
 
 import torch
 
+from asr.data.tokenizer import Tokenizer
 from asr.errors import UserError
 
 BLANK_ID = 0
@@ -55,17 +56,6 @@ class WordTiming:
 class Hypothesis:
     text: str  # words separated by single spaces
     words: list[WordTiming] = field(default_factory=list)
-
-
-class Tokenizer(Protocol):
-    """What the decoders need of asr.data.tokenizer's tokenizers."""
-
-    tokens: list[str]
-    word_delimiter: str | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 class Decoder(Protocol):

@@ -48,8 +48,8 @@ TUNE_WORD_SCORES = (-1.0, 0.0, 1.0)
 TUNE_MAX_UTTERANCES = 200
 
 
-class InferenceModel(Protocol):
-    """What evaluation needs of asr.model.inference.InferenceModel."""
+class AcousticModel(Protocol):
+    """What evaluation needs of a model: the contract asr.model.inference.InferenceModel fulfils."""
 
     tokenizer: object
     feature_config: object
@@ -156,7 +156,7 @@ def _pad(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, lengths
 
 
-def acoustic_log_probs(model: InferenceModel, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def acoustic_log_probs(model: AcousticModel, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One acoustic-model batch: (N, T', V) float32 log-probs and (N,) lengths, on the CPU."""
     batch, lengths = _pad(features)
     with torch.inference_mode():
@@ -173,7 +173,7 @@ class _AcousticBatch:
     seconds: float  # audio loading + features + acoustic model
 
 
-def _acoustic_batches(model: InferenceModel, utterances: list, max_batch_seconds: float, skipped: list[tuple[str, str]]):
+def _acoustic_batches(model: AcousticModel, utterances: list, max_batch_seconds: float, skipped: list[tuple[str, str]]):
     """Yield _AcousticBatch per batch, shortest utterances first; utterances whose audio cannot be
     read are appended to `skipped` as (id, reason) and left out."""
     from asr.data.audio import load_audio
@@ -201,7 +201,7 @@ def _acoustic_batches(model: InferenceModel, utterances: list, max_batch_seconds
 
 
 def evaluate(
-    model: InferenceModel,
+    model: AcousticModel,
     utterances: list,
     decoders: dict[str, Decoder],
     max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS,
@@ -258,7 +258,7 @@ class BeamTuning:
 
 
 def tune_beam(
-    model: InferenceModel,
+    model: AcousticModel,
     utterances: list,
     lm_path: str | Path,
     lexicon: Iterable[str],
@@ -375,7 +375,7 @@ def recorded_training_texts(model, checkpoint: str | Path | None = None) -> list
 
 
 def evaluate_splits(
-    model: InferenceModel,
+    model: AcousticModel,
     splits: dict[str, list],
     training_texts: Sequence[str] | None,
     out_dir: str | Path,

@@ -8,9 +8,9 @@ import soundfile as sf
 import torch
 
 from asr.decode import GreedyDecoder
-from asr.errors import AudioError, UserError
+from asr.errors import AudioError
 from asr.transcribe import Transcript, chunk_bounds, transcribe_files, transcribe_wave
-from test_evaluate import FEATURES, ScriptedModel, make_checkpoint, write_audio
+from test_evaluate import ScriptedModel, make_checkpoint, write_audio
 
 SAMPLE_RATE = 16000
 
