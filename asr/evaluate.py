@@ -356,6 +356,15 @@ def _data_section_of_run_config(checkpoint: Path) -> dict:
     return {}
 
 
+def run_language_model(checkpoint: str | Path) -> Path | None:
+    """The word LM that training left in the checkpoint's run folder (lm.arpa), if any."""
+    checkpoint = Path(checkpoint)
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if (folder / LM_FILE).is_file():
+            return folder / LM_FILE
+    return None
+
+
 def recorded_training_texts(model, checkpoint: str | Path | None = None) -> list[str] | None:
     """The transcripts a checkpoint was trained on, where it says which: `model.training_texts`
     (a list), `model.data_config` ({"root", "train_splits"}), or the run folder's config.yaml.
@@ -466,7 +475,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=DEFAULT_ROOT, help="corpus root holding LibriSpeech/ (default %(default)s)")
     parser.add_argument("--manifest", action="extend", nargs="+", default=[], metavar="FILE", help="manifest file(s) (JSON lines)")
     parser.add_argument("--decoder", choices=DECODER_CHOICES, default="both", help="default %(default)s")
-    parser.add_argument("--lm", default=None, help="ARPA word LM for beam search (default: built from the checkpoint's training transcripts)")
+    parser.add_argument("--lm", default=None, help="ARPA word LM for beam search (default: the run folder's lm.arpa, else one built from the run's training splits)")
     parser.add_argument("--lm-order", type=int, default=3, help="order of the LM built when --lm is not given (default %(default)s)")
     parser.add_argument("--beam-size", type=int, default=DEFAULT_BEAM_SIZE, help="default %(default)s")
     parser.add_argument("--lm-weight", type=float, default=DEFAULT_LM_WEIGHT, help="default %(default)s")
@@ -499,12 +508,15 @@ def run(args: argparse.Namespace) -> int:
     tune_on = load_split(args.root, args.tune_on) if args.tune_on else None
 
     model = load_for_inference(str(checkpoint), map_location=args.device)
-    texts = recorded_training_texts(model, checkpoint) if args.decoder in ("beam", "both") else None
-    if args.decoder in ("beam", "both") and args.lm is None and not texts:
+    beam = args.decoder in ("beam", "both")
+    # the LM: --lm, else the one training left in the run folder, else built from the training splits
+    lm_path = args.lm or (run_language_model(checkpoint) if beam else None)
+    texts = recorded_training_texts(model, checkpoint) if beam else None
+    if beam and lm_path is None and not texts:
         raise UserError("the beam decoder needs a language model: give --lm, or a checkpoint whose run records its training splits")
     out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
     payload = evaluate_splits(
-        model, splits, texts, out_dir, decoder=args.decoder, lm_path=args.lm, lm_order=args.lm_order, tune_on=tune_on,
+        model, splits, texts, out_dir, decoder=args.decoder, lm_path=lm_path, lm_order=args.lm_order, tune_on=tune_on,
         beam_size=args.beam_size, lm_weight=args.lm_weight, word_score=args.word_score,
         max_batch_seconds=args.max_batch_seconds, worst=args.worst, progress=sys.stderr.isatty(),
     )

@@ -118,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON with per-word start/end seconds")
     parser.add_argument("--chunk-seconds", type=float, default=DEFAULT_CHUNK_SECONDS, help="longest piece recognised at once (default %(default)s)")
     parser.add_argument("--decoder", choices=("greedy", "beam"), default="greedy", help="default %(default)s; beam needs --lm or a checkpoint that records its training splits")
-    parser.add_argument("--lm", default=None, help="ARPA word LM for --decoder beam")
+    parser.add_argument("--lm", default=None, help="ARPA word LM for --decoder beam (default: the run folder's lm.arpa, else one built from the run's training splits)")
     parser.add_argument("--beam-size", type=int, default=DEFAULT_BEAM_SIZE)
     parser.add_argument("--lm-weight", type=float, default=DEFAULT_LM_WEIGHT)
     parser.add_argument("--word-score", type=float, default=DEFAULT_WORD_SCORE)
@@ -126,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _decoder(args, model, checkpoint: Path) -> Decoder:
-    from asr.evaluate import build_decoders, recorded_training_texts
+    from asr.evaluate import build_decoders, recorded_training_texts, run_language_model
 
     if args.decoder == "greedy":
         return build_decoders(model.tokenizer, "greedy")["greedy"]
@@ -136,7 +136,7 @@ def _decoder(args, model, checkpoint: Path) -> Decoder:
     lexicon = lexicon_words(texts) if texts else None
     # the decoder reads the LM into memory when it is built: a temporary one can go right after
     with tempfile.TemporaryDirectory(prefix="asr-lm-") as tmp:
-        lm_path = args.lm
+        lm_path = args.lm or run_language_model(checkpoint)
         if lm_path is None and texts:
             from asr.lm import build_arpa
 

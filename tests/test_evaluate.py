@@ -237,3 +237,18 @@ def test_command_tunes_on_a_dev_split(corpus, tmp_path, capsys):
     tuning = options["tuning"]
     assert len(tuning["grid"]) == 12 and tuning["utterances"] == 3
     assert (options["lm_weight"], options["word_score"]) == (tuning["lm_weight"], tuning["word_score"])
+
+
+def test_command_uses_the_lm_in_the_run_folder(corpus, tmp_path, capsys):
+    from asr.cli import main
+
+    utterances, _ = corpus
+    (tmp_path / "run").mkdir()
+    ckpt = make_checkpoint(tmp_path / "run" / "best.ckpt")
+    lm = build_arpa([u.text for u in utterances], tmp_path / "run" / "lm.arpa")
+    manifest = tmp_path / "mini.jsonl"
+    write_manifest(manifest, utterances[:2])
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--decoder", "beam", "--beam-size", "4"]) == 0
+    payload = json.loads((tmp_path / "run" / "eval" / "evaluation.json").read_text())  # default --out
+    assert payload["lm"] == str(lm)
+    capsys.readouterr()

@@ -99,9 +99,13 @@ def test_command_with_beam_search(tmp_path, capsys):
 
     ckpt = make_checkpoint(tmp_path / "m.ckpt")
     write_audio(tmp_path / "a.wav", 0.6)
-    lm = build_arpa(["HELLO WORLD", "HELLO THERE"], tmp_path / "lm.arpa")
+    lm = build_arpa(["HELLO WORLD", "HELLO THERE"], tmp_path / "lms" / "hello.arpa")
     assert main(["transcribe", str(ckpt), str(tmp_path / "a.wav"), "--decoder", "beam", "--lm", str(lm), "--json"]) == 0
     [item] = json.loads(capsys.readouterr().out)
     assert set(item["text"].split()) <= {"HELLO", "WORLD", "THERE"}  # only lexicon words
     assert main(["transcribe", str(ckpt), str(tmp_path / "a.wav"), "--decoder", "beam"]) == 2  # no LM, none recorded
     assert "language model" in capsys.readouterr().err
+    # the LM that training leaves in the run folder is used without --lm
+    build_arpa(["GOOD MORNING"], tmp_path / "lm.arpa")
+    assert main(["transcribe", str(ckpt), str(tmp_path / "a.wav"), "--decoder", "beam"]) == 0
+    assert set(capsys.readouterr().out.split()) <= {"GOOD", "MORNING"}
