@@ -169,6 +169,24 @@ class RecurrentLayer(nn.Module):
             nn.init.uniform_(self.input_projection.weight, -bound, bound)
             nn.init.uniform_(self.input_projection.bias, -bound, bound)
         self.output_size = H * (D if self.merge == "concat" else 1)
+        self.op_timer = None  # an asr.model.timing.OpTimer while training measures the op
+
+    def _recurrence(self, u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """u (T, N, D, H) -> y (T, N, D, H) through asr.ops."""
+        activation = CELL_ACTIVATION[self.cell]
+        if self.directions == 1:
+            def call(u1):  # u1 (T, N, H): the one-direction form of the op
+                return recurrence(u1, self.w_hh[0], lengths=lengths, activation=activation, backend=self.backend)
+            u = u[:, :, 0]
+        else:
+            def call(u2):
+                return recurrence(u2, self.w_hh, lengths=lengths, activation=activation, backend=self.backend)
+        if self.op_timer is None:
+            y, _ = call(u)
+        else:
+            T, N = u.shape[:2]
+            y, _ = self.op_timer.run(call, u, forward_flops=2.0 * T * N * self.directions * self.hidden**2)
+        return y if self.directions == 2 else y.unsqueeze(2)  # (T, N, D, H)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (T, N, C), lengths (N,) int64 on the CPU, mask (T, N) bool on x's device -> (T, N, output_size)."""
@@ -178,18 +196,17 @@ class RecurrentLayer(nn.Module):
         H, D = self.hidden, self.directions
         if self.cell == "gru":
             packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
-            y, _ = self.gru(packed)
+            if self.op_timer is None:
+                y, _ = self.gru(packed)
+            else:  # the whole torch GRU call is timed: recurrent GEMMs (3 gates) and its input GEMM
+                C = x.shape[-1]
+                flops = 2.0 * T * N * D * 3 * H * (H + C)
+                y, _ = self.op_timer.run(self.gru, packed, forward_flops=flops)
             y, _ = pad_packed_sequence(y, total_length=T)  # (T, N, D*H)
             y = y.view(T, N, D, H)  # (T, N, D, H)
         else:
             u = self.input_projection(x).view(T, N, D, H)  # one GEMM for all timesteps: (T, N, D, H)
-            if D == 1:
-                y, _ = recurrence(u[:, :, 0], self.w_hh[0], lengths=lengths,
-                                  activation=CELL_ACTIVATION[self.cell], backend=self.backend)
-                y = y.unsqueeze(2)  # (T, N, 1, H)
-            else:
-                y, _ = recurrence(u, self.w_hh, lengths=lengths,
-                                  activation=CELL_ACTIVATION[self.cell], backend=self.backend)
+            y = self._recurrence(u, lengths)  # (T, N, D, H)
         if self.merge == "sum":
             return y.sum(dim=2)  # (T, N, H)
         return y.reshape(T, N, D * H)  # (T, N, D*H)

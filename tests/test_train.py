@@ -1,0 +1,200 @@
+"""`asr train` on the tiny recipe, shrunk to seconds: run folder contents, atomic checkpoints, exact
+resume after a kill, non-finite losses skipped and counted, vocabulary checks on load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr.errors import UserError
+from asr.model.inference import CHECKPOINT_KEY, load_for_inference
+from asr.train import AtomicCheckpointIO, SpeechRecognizer, main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "synth" / "tiny.yaml"
+WORDS = "THE CAT SAT ON A MAT WITH HER DOG AND RAN TO THE OLD RED BARN BY NIGHT".split()
+# A network small enough for a CPU test: one narrow layer after two narrow convolutions.
+SHRINK = ["--model.conv_channels", "[4, 4]", "--model.rnn_layers", "1", "--model.rnn_hidden", "16",
+          "--model.warmup_steps", "2", "--data.num_workers", "0", "--data.max_batch_seconds", "4",
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+          "--trainer.log_every_n_steps", "1"]
+
+
+def _sentence(k: int) -> str:
+    return " ".join(WORDS[(k * 7 + j * 3) % len(WORDS)] for j in range(2 + k % 3))
+
+
+@pytest.fixture
+def corpus(tmp_path, write_corpus):
+    root = tmp_path / "corpus"
+    splits = {"train": (24, 100), "dev": (4, 200), "test-clean": (3, 300), "test-unseen-voice": (3, 400)}
+    for split, (count, speaker) in splits.items():
+        write_corpus(root, split, {f"{speaker}-1-{i:04d}": (0.8 + 0.1 * (i % 5), _sentence(speaker + i))
+                                   for i in range(count)})
+    return root
+
+
+def _args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(RECIPE), "--data.root", str(corpus), "--trainer.default_root_dir", str(run_dir),
+            *SHRINK, *extra]
+
+
+def test_tiny_recipe_trains_evaluates_and_reports(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "2")) == 0
+    for name in ("config.yaml", "best.ckpt", "last.ckpt", "report.json", "report.md", "lm.arpa"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob(".*tmp*")) == [], "no temporary checkpoint may be left behind"
+    import json
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["train"]["epochs"] == 2 and report["train"]["steps"] > 0
+    assert report["train"]["rnn_op_seconds"] > 0 and report["train"]["audio_hours"] > 0
+    assert report["parameters"] > 0 and report["backend"] == "auto"
+    for split in ("test-clean", "test-unseen-voice"):
+        for decoder in ("greedy", "beam+lm"):
+            scores = report["eval"][split][decoder]
+            assert scores["utterances"] == 3 and scores["reference_words"] > 0 and scores["wer"] >= 0
+    assert "test-unseen-voice" in capsys.readouterr().out  # the Markdown report is printed
+
+    config = (run_dir / "config.yaml").read_text()
+    assert "rnn_hidden: 16" in config and str(corpus) in config  # the resolved config, overrides included
+
+    model = load_for_inference(run_dir / "best.ckpt")
+    assert model.tokenizer.tokens[0] == "<blank>" and model.frame_shift_seconds == pytest.approx(0.03)
+    log_probs, lengths = model.log_probs(torch.randn(2, 90, 80), torch.tensor([90, 60]))
+    assert log_probs.shape == (2, 30, model.tokenizer.vocab_size) and lengths.tolist() == [30, 20]
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2, 30))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b"partial bytes of a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}, "the previous checkpoint must survive a failed write"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def _train_subprocess(corpus: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "asr.cli", "train",
+            *_args(corpus, run_dir, "--trainer.max_epochs", "2", "--checkpoint_every_n_steps", "3",
+                   "--evaluate", "false", *extra)]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _network_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state["state_dict"].items() if k.startswith("net.")}, state["global_step"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_an_uninterrupted_run(corpus, tmp_path):
+    """Kill training right after its first mid-epoch checkpoint, resume from last.ckpt, and end
+    with exactly the weights of a run that was never interrupted."""
+    straight = _train_subprocess(corpus, tmp_path / "straight")
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out
+    expected, total_steps = _network_state(tmp_path / "straight" / "last.ckpt")
+    assert total_steps > 6, "the run must be long enough to be killed mid-epoch"
+
+    killed_dir = tmp_path / "killed"
+    killed = _train_subprocess(corpus, killed_dir)
+    last = killed_dir / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    _, step_at_kill = _network_state(last)
+    assert 0 < step_at_kill < total_steps
+
+    resumed = _train_subprocess(corpus, killed_dir, "--ckpt_path", "last")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    final, steps = _network_state(last)
+    assert steps == total_steps
+    for name, value in expected.items():
+        assert torch.equal(final[name], value), f"{name} differs after resume"
+
+
+def test_nonfinite_batches_are_skipped_and_counted(corpus, tmp_path, monkeypatch):
+    real_loss = SpeechRecognizer._ctc_loss
+    calls = {"train": 0}
+
+    def sometimes_nan(self, batch):
+        loss, log_probs = real_loss(self, batch)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] in (2, 3):  # two bad batches in a row, then good ones
+                loss = loss * float("nan")
+        return loss, log_probs
+
+    monkeypatch.setattr(SpeechRecognizer, "_ctc_loss", sometimes_nan)
+    run_dir = tmp_path / "run"
+    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false",
+                      "--model.max_nonfinite_in_a_row", "3")) == 0
+    import json
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["train"]["nonfinite_batches_skipped"] == 2
+    state = torch.load(run_dir / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v.float()).all() for v in state.values()), "a skipped batch must not touch weights or BatchNorm statistics"
+
+
+def test_training_stops_after_k_nonfinite_batches_in_a_row(corpus, tmp_path, monkeypatch):
+    real_loss = SpeechRecognizer._ctc_loss
+
+    def always_nan(self, batch):
+        loss, log_probs = real_loss(self, batch)
+        return (loss * float("inf") if self.training else loss), log_probs
+
+    monkeypatch.setattr(SpeechRecognizer, "_ctc_loss", always_nan)
+    with pytest.raises(UserError, match="3 batches in a row"):
+        main(_args(corpus, tmp_path / "run", "--trainer.max_epochs", "1", "--evaluate", "false",
+                   "--model.max_nonfinite_in_a_row", "3"))
+
+
+def test_vocabulary_mismatch_is_refused(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false")) == 0
+    checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
+
+    altered = dict(checkpoint)
+    altered[CHECKPOINT_KEY] = dict(checkpoint[CHECKPOINT_KEY], vocabulary=checkpoint[CHECKPOINT_KEY]["vocabulary"][:-1])
+    torch.save(altered, tmp_path / "altered.ckpt")
+    with pytest.raises(UserError, match="vocabulary mismatch"):
+        load_for_inference(tmp_path / "altered.ckpt")
+
+    # Resuming training from a checkpoint whose vocabulary is not the data module's tokenizer.
+    vocabulary = list(checkpoint[CHECKPOINT_KEY]["vocabulary"])
+    vocabulary[1], vocabulary[2] = vocabulary[2], vocabulary[1]
+    swapped = dict(checkpoint)
+    swapped[CHECKPOINT_KEY] = dict(checkpoint[CHECKPOINT_KEY], vocabulary=vocabulary)
+    torch.save(swapped, tmp_path / "swapped.ckpt")
+    with pytest.raises(UserError, match="vocabulary mismatch"):
+        main(_args(corpus, run_dir, "--trainer.max_epochs", "2", "--evaluate", "false",
+                   "--ckpt_path", str(tmp_path / "swapped.ckpt")))
+
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_for_inference(tmp_path / "junk.ckpt")
+    with pytest.raises(UserError, match="not found"):
+        load_for_inference(tmp_path / "missing.ckpt")
