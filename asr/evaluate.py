@@ -386,7 +386,7 @@ def recorded_training_texts(model, checkpoint: str | Path | None = None) -> list
 def evaluate_splits(
     model: AcousticModel,
     splits: dict[str, list],
-    training_texts: Sequence[str] | None,
+    lm_texts: Sequence[str] | None,
     out_dir: str | Path,
     decoder: str = "both",
     lm_path: str | Path | None = None,
@@ -398,23 +398,29 @@ def evaluate_splits(
     max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS,
     worst: int = DEFAULT_WORST,
     progress: bool = False,
+    title: str = "",
 ) -> dict:
-    """Everything `asr evaluate` and the end of training do: build the word LM from the training
-    transcripts (unless lm_path is given) into out_dir, optionally tune lm_weight/word_score on
+    """Everything `asr evaluate` and the end of training do: build the word LM from `lm_texts`
+    (the training transcripts, plus any other text that shares no sentence with the evaluated
+    splits) into out_dir unless lm_path is given, optionally tune lm_weight/word_score on
     `tune_on` (dev utterances), evaluate every split with the chosen decoders, and write
-    evaluation.json + evaluation.md into out_dir. Returns the JSON payload; its "eval" entry is
-    {split: {decoder: scores}} as the run report wants it."""
+    evaluation.json + evaluation.md into out_dir. The beam decoder's lexicon is the LM's
+    vocabulary. Returns the JSON payload; its "eval" entry is {split: {decoder: scores}} as the
+    run report wants it, and "markdown" the text written."""
     out_dir = Path(out_dir)
-    lexicon = lexicon_words(training_texts) if training_texts else None
-    if decoder in ("beam", "both") and lm_path is None and training_texts:
+    beam = decoder in ("beam", "both")
+    lexicon = None
+    if beam and lm_path is None and lm_texts:
         from asr.lm import build_arpa
 
-        lm_path = build_arpa(training_texts, out_dir / LM_FILE, order=lm_order)
-        print(f"built a {lm_order}-gram word LM from {len(training_texts)} training transcripts: {lm_path}", file=sys.stderr)
+        lexicon = lexicon_words(lm_texts)
+        lm_path = build_arpa(lm_texts, out_dir / LM_FILE, order=lm_order)
+        print(f"built a {lm_order}-gram word LM of {len(lexicon)} words from {len(lm_texts)} sentences: {lm_path}", file=sys.stderr)
+    if beam and lm_path is not None and lexicon is None:
+        lexicon = arpa_vocabulary(lm_path)
     tuning = None
     if tune_on and decoder in ("beam", "both") and lm_path is not None:
-        tuning = tune_beam(model, tune_on, lm_path, lexicon if lexicon is not None else arpa_vocabulary(lm_path),
-                           beam_size=beam_size, max_batch_seconds=max_batch_seconds)
+        tuning = tune_beam(model, tune_on, lm_path, lexicon, beam_size=beam_size, max_batch_seconds=max_batch_seconds)
         lm_weight, word_score = tuning.lm_weight, tuning.word_score
         print(f"tuned on {tuning.utterances} utterances: lm_weight {lm_weight}, word_score {word_score} (WER {100 * tuning.wer:.2f}%)", file=sys.stderr)
     decoders = build_decoders(model.tokenizer, decoder, lm_path, lexicon, beam_size, lm_weight, word_score)
@@ -423,7 +429,9 @@ def evaluate_splits(
         print(f"evaluating {name}: {len(utterances)} utterances", file=sys.stderr)
         results[name] = evaluate(model, utterances, decoders, max_batch_seconds, worst, progress=progress)
     payload = {
+        "title": title,
         "lm": None if lm_path is None else str(lm_path),
+        "lexicon_words": None if lexicon is None else len(lexicon),
         "decoder_options": {"beam_size": beam_size, "lm_weight": lm_weight, "word_score": word_score,
                             "tuning": None if tuning is None else tuning.to_dict()},
         "splits": {name: r.to_dict() for name, r in results.items()},
@@ -431,9 +439,22 @@ def evaluate_splits(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT_JSON).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    (out_dir / RESULT_MARKDOWN).write_text(format_markdown(results), encoding="utf-8")
-    payload["markdown"] = format_markdown(results)
+    markdown = format_markdown(results, title)
+    (out_dir / RESULT_MARKDOWN).write_text(markdown, encoding="utf-8")
+    payload["markdown"] = markdown
     return payload
+
+
+def read_text_lines(path: str | Path) -> list[str]:
+    """Non-empty lines of a text file, LibriSpeech-normalised (LM text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: text file not found")
+    lines = [_normalize(line) for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UserError(f"{path}: no text")
+    return lines
 
 
 # --- Markdown -------------------------------------------------------------------------------------
@@ -443,8 +464,8 @@ def _pct(x) -> str:
     return f"{100 * x:.2f}" if isinstance(x, (int, float)) and x == x else "—"
 
 
-def format_markdown(results: dict[str, EvalResult], checkpoint: str = "", worst: int = 5) -> str:
-    lines = [f"# Evaluation{' of ' + checkpoint if checkpoint else ''}", ""]
+def format_markdown(results: dict[str, EvalResult], title: str = "", worst: int = 5) -> str:
+    lines = [f"# Evaluation{' of ' + title if title else ''}", ""]
     lines += ["| split | decoder | WER % | CER % | sub | del | ins | ref words | utterances | RTF |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for split, result in results.items():
         for name, s in result.scores.items():
@@ -476,6 +497,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", action="extend", nargs="+", default=[], metavar="FILE", help="manifest file(s) (JSON lines)")
     parser.add_argument("--decoder", choices=DECODER_CHOICES, default="both", help="default %(default)s")
     parser.add_argument("--lm", default=None, help="ARPA word LM for beam search (default: the run folder's lm.arpa, else one built from the run's training splits)")
+    parser.add_argument("--lm-text", default=None, metavar="FILE",
+                        help="more LM text (one sentence per line, normalised here) beside the training transcripts; "
+                             "it must share no sentence with the evaluated splits")
     parser.add_argument("--lm-order", type=int, default=3, help="order of the LM built when --lm is not given (default %(default)s)")
     parser.add_argument("--beam-size", type=int, default=DEFAULT_BEAM_SIZE, help="default %(default)s")
     parser.add_argument("--lm-weight", type=float, default=DEFAULT_LM_WEIGHT, help="default %(default)s")
@@ -509,16 +533,22 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_for_inference(str(checkpoint), map_location=args.device)
     beam = args.decoder in ("beam", "both")
-    # the LM: --lm, else the one training left in the run folder, else built from the training splits
-    lm_path = args.lm or (run_language_model(checkpoint) if beam else None)
-    texts = recorded_training_texts(model, checkpoint) if beam else None
-    if beam and lm_path is None and not texts:
-        raise UserError("the beam decoder needs a language model: give --lm, or a checkpoint whose run records its training splits")
+    lm_path, lm_texts = args.lm, None
+    if beam and lm_path is None:
+        # an LM built from the run's training transcripts (plus --lm-text), else the one training
+        # left in the run folder
+        lm_texts = recorded_training_texts(model, checkpoint) or []
+        if args.lm_text:
+            lm_texts += read_text_lines(args.lm_text)
+        if not args.lm_text:
+            lm_path = run_language_model(checkpoint)
+        if lm_path is None and not lm_texts:
+            raise UserError("the beam decoder needs a language model: give --lm or --lm-text, or a checkpoint whose run records its training splits")
     out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
     payload = evaluate_splits(
-        model, splits, texts, out_dir, decoder=args.decoder, lm_path=lm_path, lm_order=args.lm_order, tune_on=tune_on,
+        model, splits, lm_texts, out_dir, decoder=args.decoder, lm_path=lm_path, lm_order=args.lm_order, tune_on=tune_on,
         beam_size=args.beam_size, lm_weight=args.lm_weight, word_score=args.word_score,
-        max_batch_seconds=args.max_batch_seconds, worst=args.worst, progress=sys.stderr.isatty(),
+        max_batch_seconds=args.max_batch_seconds, worst=args.worst, progress=sys.stderr.isatty(), title=str(checkpoint),
     )
     print(payload["markdown"])
     print(f"wrote {out_dir / RESULT_JSON} and {out_dir / RESULT_MARKDOWN}", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from asr.decode import DEFAULT_BEAM_SIZE, DEFAULT_LM_WEIGHT, DEFAULT_WORD_SCORE, Decoder, Hypothesis, lexicon_words
+from asr.decode import DEFAULT_BEAM_SIZE, DEFAULT_LM_WEIGHT, DEFAULT_WORD_SCORE, Decoder, Hypothesis
 from asr.errors import AudioError, UserError
 
 DEFAULT_CHUNK_SECONDS = 30.0
@@ -132,16 +132,17 @@ def _decoder(args, model, checkpoint: Path) -> Decoder:
         return build_decoders(model.tokenizer, "greedy")["greedy"]
     if args.lm is not None and not Path(args.lm).is_file():
         raise UserError(f"{args.lm}: language model file not found")
-    texts = recorded_training_texts(model, checkpoint)
-    lexicon = lexicon_words(texts) if texts else None
     # the decoder reads the LM into memory when it is built: a temporary one can go right after
     with tempfile.TemporaryDirectory(prefix="asr-lm-") as tmp:
         lm_path = args.lm or run_language_model(checkpoint)
-        if lm_path is None and texts:
-            from asr.lm import build_arpa
+        if lm_path is None:
+            texts = recorded_training_texts(model, checkpoint)
+            if texts:
+                from asr.lm import build_arpa
 
-            lm_path = build_arpa(texts, Path(tmp) / "lm.arpa")
-        decoders = build_decoders(model.tokenizer, "beam", lm_path, lexicon, args.beam_size, args.lm_weight, args.word_score)
+                lm_path = build_arpa(texts, Path(tmp) / "lm.arpa")
+        # the lexicon is the LM's vocabulary
+        decoders = build_decoders(model.tokenizer, "beam", lm_path, None, args.beam_size, args.lm_weight, args.word_score)
     return next(iter(decoders.values()))
 
 

@@ -252,3 +252,28 @@ def test_command_uses_the_lm_in_the_run_folder(corpus, tmp_path, capsys):
     payload = json.loads((tmp_path / "run" / "eval" / "evaluation.json").read_text())  # default --out
     assert payload["lm"] == str(lm)
     capsys.readouterr()
+
+
+def test_command_adds_lm_text_to_the_training_transcripts(corpus, tmp_path, capsys):
+    from asr.cli import main
+    from asr.data.librispeech import manifest_path
+
+    utterances, _ = corpus
+    root = tmp_path / "corpus"
+    write_manifest(manifest_path(root, "train"), utterances[:1])
+    (tmp_path / "run").mkdir()
+    ckpt = make_checkpoint(tmp_path / "run" / "last.ckpt")
+    (tmp_path / "run" / "config.yaml").write_text(f"data:\n  root: {root}\n  train_splits: [train]\n")
+    build_arpa(["STALE MODEL"], tmp_path / "run" / "lm.arpa")  # ignored: --lm-text asks for a new one
+    extra = tmp_path / "more.txt"
+    extra.write_text("The dog ran home.\n\nA bird, a word!\n")
+    manifest = tmp_path / "mini.jsonl"
+    write_manifest(manifest, utterances[:2])
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--decoder", "beam",
+               "--lm-text", str(extra), "--out", str(tmp_path / "e"), "--beam-size", "4"])
+    assert rc == 0, capsys.readouterr().err
+    payload = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert sorted(arpa_vocabulary(payload["lm"])) == ["A", "BIRD", "CAT", "DOG", "HOME", "RAN", "SAT", "THE", "WORD"]
+    assert payload["lexicon_words"] == 9
+    assert payload["title"] == str(ckpt)
+    assert (tmp_path / "e" / "evaluation.md").read_text().startswith(f"# Evaluation of {ckpt}")
