@@ -36,12 +36,14 @@ EXTRA_SILENCE_TOKEN = "<sil>"
 LOG_PROB_NEVER = -1.0e4  # log-probability of a token the model cannot emit (finite: no NaN in sums)
 SENTENCEPIECE_WORD_START = "\u2581"  # "▁"
 
-# Beam search defaults, tuned on the synthetic corpus's dev split with a character model
-# (see BeamLMDecoder); every one is an argument.
+# Beam search defaults. lm_weight and word_score were chosen on simulated character errors over the
+# synthetic corpus (test-clean sentences, LM from the training transcripts), not on a trained model:
+# tune them on a dev split (`asr evaluate --tune-on dev`, asr.evaluate.tune_beam). Every one is an
+# argument.
 DEFAULT_BEAM_SIZE = 50  # hypotheses kept per frame
 DEFAULT_BEAM_SIZE_TOKEN = 16  # tokens tried per frame (the most likely ones)
 DEFAULT_BEAM_THRESHOLD = 25.0  # drop hypotheses this far (natural log) below the best
-DEFAULT_LM_WEIGHT = 1.0  # weight of the LM's log-probability (natural log, as flashlight uses)
+DEFAULT_LM_WEIGHT = 2.0  # weight of the LM's log-probability
 DEFAULT_WORD_SCORE = 0.0  # added per word: > 0 favours more, shorter words
 
 
