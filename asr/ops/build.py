@@ -185,12 +185,15 @@ def _compile_and_load(variant: str, verbose: bool) -> LoadedExtension:
 def load(variant: str | None = None, verbose: bool = False) -> LoadedExtension:
     """Load (building first if needed) the extension and register its Python parts.
 
-    variant: "cuda" (needs the CUDA kernels), "cpu" (any build will do: the cuda variant has the
-    CPU implementation too), or None (ASR_OPS_VARIANT, else cuda when nvcc exists, else cpu).
+    variant: "cuda" (needs the CUDA kernels), "cpu" (any build will do, the cuda variant has the
+    CPU implementation too: see variant_for), or None (ASR_OPS_VARIANT, else cuda when nvcc
+    exists, else cpu).
     Raises ExtensionUnavailable with the reason when that cannot be done in this process.
     """
     global _loaded
     wanted = variant or default_variant()
+    if wanted == "cpu":
+        wanted = variant_for("cpu")  # a CPU request takes what is loaded, forced or already built
     with _lock:
         if _loaded is not None:
             if wanted == "cuda" and _loaded.variant != "cuda":

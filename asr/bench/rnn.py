@@ -1,0 +1,301 @@
+"""`asr bench rnn`: the recurrent op's backends side by side, per timestep and in TFLOP/s.
+
+    asr bench rnn                                   # full sweep on the GPU (persistent, cudnn, reference)
+    asr bench rnn --device cpu --quick              # a quick sanity run on the CPU (C++ op vs torch.nn.RNN)
+    asr bench rnn --hidden 1152 --batch 4,64 --dtype float32,float16 --out benchmarks/results/rnn_h100.json
+
+Every configuration times all requested backends in the same process, one after another, so the
+speedup over cuDNN (torch.nn.RNN's kernel) is measured in the same run. "fwd" is the forward pass;
+"fwdbwd" is forward plus backward (gradients wrt u, w_hh and h0). FLOPs: the forward recurrence is
+2*N*H^2 per step per direction; forward+backward counts three times that (forward, backward-data,
+dW). The cudnn backend also spends one input GEMM on u @ I (see asr/ops/cudnn.py); it is timed as
+part of cuDNN. Results: JSON, and a PNG plot when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from asr.errors import UserError
+
+HIDDEN_SIZES = (512, 1152, 1760, 2048, 2560)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+TIME_STEPS = 200
+DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("persistent", "cudnn", "reference")
+MODES = ("fwd", "fwdbwd")
+QUICK = dict(hidden=(256,), batch=(1, 4, 16), time_steps=50, dtype=("float32",))  # --quick
+TARGET_SECONDS_PER_CONFIG = 0.15  # timed repetitions stop after about this long (after warm-up)
+MIN_REPEATS = 3
+MAX_REPEATS = 50
+WARMUP_RUNS = 2
+RESULTS_DIR = Path("benchmarks/results")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    backend: str
+    mode: str  # "fwd" or "fwdbwd"
+    dtype: str
+    hidden: int
+    batch: int
+    time_steps: int
+    directions: int
+    us_per_step: float | None  # median wall time / time_steps, microseconds
+    tflops: float | None  # achieved, by the FLOP model in the module docstring
+    repeats: int  # timed runs behind the median
+    speedup_over_cudnn: float | None = None  # cudnn time / this time, same run
+    error: str | None = None  # why this backend could not run the configuration
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(item) for item in text.split(",") if item)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--backends", type=_csv(str), default=BACKENDS, help="comma list of " + ",".join(BACKENDS))
+    parser.add_argument("--hidden", type=_csv(int), default=None, help="comma list (default 512,1152,1760,2048,2560)")
+    parser.add_argument("--batch", type=_csv(int), default=None, help="comma list (default 1,2,4,8,16,32,64)")
+    parser.add_argument("--time-steps", type=int, default=None, help=f"T (default {TIME_STEPS})")
+    parser.add_argument("--dtype", type=_csv(str), default=None, help="comma list of float32,float16,bfloat16")
+    parser.add_argument("--modes", type=_csv(str), default=MODES, help="comma list of fwd,fwdbwd")
+    parser.add_argument("--directions", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--activation", default="relu", choices=("relu", "tanh"))
+    parser.add_argument("--quick", action="store_true",
+                        help="hidden 256, batch 1,4,16, T=50, float32 (explicit options still win)")
+    parser.add_argument("--max-repeats", type=int, default=MAX_REPEATS)
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="stop measuring after this long; the configurations left are listed as not run")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/rnn_<device>.json); the PNG goes beside it")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _flops(mode: str, batch: int, hidden: int, time_steps: int, directions: int) -> float:
+    forward = 2.0 * batch * hidden * hidden * time_steps * directions
+    return forward if mode == "fwd" else 3.0 * forward
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_runs(step, device, max_repeats: int) -> tuple[float, int]:
+    """Median seconds of `step()` over adaptive repetitions (after warm-up)."""
+    for _ in range(WARMUP_RUNS):
+        step()
+    _sync(device)
+    times = []
+    budget_start = time.perf_counter()
+    while len(times) < max_repeats:
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        if len(times) >= MIN_REPEATS and time.perf_counter() - budget_start > TARGET_SECONDS_PER_CONFIG:
+            break
+    return statistics.median(times), len(times)
+
+
+def measure(backend, mode, dtype_name, hidden, batch, time_steps, directions, activation, device, max_repeats):
+    import torch
+
+    from asr.ops import recurrence
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    shape = (time_steps, batch, directions, hidden) if directions == 2 else (time_steps, batch, hidden)
+    w_shape = (directions, hidden, hidden) if directions == 2 else (hidden, hidden)
+    u = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    w = (torch.randn(w_shape, generator=generator) * (0.5 / math.sqrt(hidden))).to(device=device, dtype=dtype)
+    base = dict(backend=backend, mode=mode, dtype=dtype_name, hidden=hidden, batch=batch, time_steps=time_steps,
+                directions=directions)
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                recurrence(u, w, None, None, activation, backend)
+    else:
+        u.requires_grad_()
+        w.requires_grad_()
+        dy = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+        def step():
+            y, _ = recurrence(u, w, None, None, activation, backend)
+            torch.autograd.grad(y, (u, w), dy)
+    try:
+        seconds, repeats = _time_runs(step, device, max_repeats)
+    except (UserError, RuntimeError) as err:
+        return Measurement(**base, us_per_step=None, tflops=None, repeats=0, error=str(err).splitlines()[0][:300])
+    flops = _flops(mode, batch, hidden, time_steps, directions)
+    return Measurement(**base, us_per_step=seconds / time_steps * 1e6, tflops=flops / seconds / 1e12, repeats=repeats)
+
+
+def _with_speedups(measurements: list[Measurement]) -> list[Measurement]:
+    def key(m):
+        return (m.mode, m.dtype, m.hidden, m.batch)
+
+    cudnn = {key(m): m.us_per_step for m in measurements if m.backend == "cudnn" and m.us_per_step}
+    out = []
+    for m in measurements:
+        base = cudnn.get(key(m))
+        speedup = base / m.us_per_step if base and m.us_per_step else None
+        out.append(Measurement(**{**asdict(m), "speedup_over_cudnn": speedup}))
+    return out
+
+
+def print_table(measurements: list[Measurement], file=sys.stdout) -> None:
+    print(f"{'backend':<11}{'mode':<7}{'dtype':<9}{'H':>6}{'N':>4}{'us/step':>11}{'TFLOP/s':>9}{'x cuDNN':>9}",
+          file=file)
+    for m in measurements:
+        if m.error:
+            print(f"{m.backend:<11}{m.mode:<7}{m.dtype:<9}{m.hidden:>6}{m.batch:>4}  n/a: {m.error[:70]}", file=file)
+            continue
+        speedup = f"{m.speedup_over_cudnn:.2f}" if m.speedup_over_cudnn else "-"
+        print(f"{m.backend:<11}{m.mode:<7}{m.dtype:<9}{m.hidden:>6}{m.batch:>4}{m.us_per_step:>11.1f}"
+              f"{m.tflops:>9.3f}{speedup:>9}", file=file)
+
+
+def plot(measurements: list[Measurement], path: Path, title: str) -> str | None:
+    """PNG of TFLOP/s vs batch, one panel per (dtype, mode); returns a message if skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: skipped the PNG"
+    dtypes = sorted({m.dtype for m in measurements}, key=DTYPES.index if all(
+        m.dtype in DTYPES for m in measurements) else str)
+    modes = [mode for mode in MODES if any(m.mode == mode for m in measurements)]
+    hiddens = sorted({m.hidden for m in measurements})
+    styles = {"persistent": "-", "cudnn": "--", "reference": ":"}
+    figure, axes = plt.subplots(len(dtypes), len(modes), figsize=(6 * len(modes), 4 * len(dtypes)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, dtype in enumerate(dtypes):
+        for col, mode in enumerate(modes):
+            axis = axes[row][col]
+            for ci, hidden in enumerate(hiddens):
+                for backend, style in styles.items():
+                    points = sorted((m.batch, m.tflops) for m in measurements if m.tflops and m.dtype == dtype and
+                                    m.mode == mode and m.hidden == hidden and m.backend == backend)
+                    if points:
+                        axis.plot(*zip(*points), style, marker="o", markersize=3, color=colors[ci % len(colors)],
+                                  label=f"{backend} H={hidden}")
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("batch")
+            axis.set_ylabel("TFLOP/s")
+            axis.set_title(f"{dtype}, {'forward' if mode == 'fwd' else 'forward+backward'}")
+            axis.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return None
+
+
+def run_sweep(args) -> dict:
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible")
+    quick = QUICK if args.quick else {}
+    hiddens = args.hidden or quick.get("hidden", HIDDEN_SIZES)
+    batches = args.batch or quick.get("batch", BATCH_SIZES)
+    time_steps = args.time_steps or quick.get("time_steps", TIME_STEPS)
+    dtypes = args.dtype or quick.get("dtype", DTYPES if device.type == "cuda" else ("float32",))
+    for name, values, allowed in (("--backends", args.backends, BACKENDS), ("--dtype", dtypes, DTYPES),
+                                  ("--modes", args.modes, MODES)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise UserError(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
+    if min(hiddens + batches) < 1 or time_steps < 1:
+        raise UserError("--hidden, --batch and --time-steps must be positive")
+    name = device_name(device)
+    print(f"asr bench rnn: {name}, T={time_steps}, D={args.directions}, {args.activation}, "
+          f"backends {','.join(args.backends)}", flush=True)
+    measurements = []
+    started = time.perf_counter()
+    for dtype in dtypes:
+        for mode in args.modes:
+            for hidden in hiddens:
+                for batch in batches:
+                    for backend in args.backends:
+                        if args.budget_seconds is not None and time.perf_counter() - started > args.budget_seconds:
+                            measurements.append(Measurement(backend, mode, dtype, hidden, batch, time_steps,
+                                                            args.directions, None, None, 0,
+                                                            error=f"not run: --budget-seconds {args.budget_seconds:g} spent"))
+                            continue
+                        measurements.append(measure(backend, mode, dtype, hidden, batch, time_steps, args.directions,
+                                                    args.activation, device, args.max_repeats))
+                    done = measurements[-len(args.backends):]
+                    print("  " + f"{dtype} {mode} H={hidden} N={batch}: " + ", ".join(
+                        f"{m.backend} {m.us_per_step:.1f} us/step" if m.us_per_step else f"{m.backend} n/a"
+                        for m in done), flush=True)
+    measurements = _with_speedups(measurements)
+    from asr.ops import build
+
+    ext = build.loaded()
+    return dict(
+        device=name,
+        device_type=device.type,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        extension=None if ext is None else dict(variant=ext.variant, arch_list=ext.arch_list),
+        activation=args.activation,
+        directions=args.directions,
+        time_steps=time_steps,
+        flop_model="forward: 2*N*H^2 per step per direction; fwdbwd: 3x forward (forward, backward-data, dW)",
+        seconds=time.perf_counter() - started,
+        results=[asdict(m) for m in measurements],
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    report = run_sweep(args)
+    measurements = [Measurement(**r) for r in report["results"]]
+    out = args.out or RESULTS_DIR / f"rnn_{_slug(report['device'])}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print_table(measurements)
+    print(f"wrote {out} ({report['seconds']:.0f} s of measurements)")
+    if not args.no_plot:
+        png = out.with_suffix(".png")
+        skipped = plot(measurements, png, f"{report['device']}: recurrence, T={report['time_steps']}")
+        print(skipped or f"wrote {png}")
+    return 0

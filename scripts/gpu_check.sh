@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# scripts/gpu_check.sh OUTDIR - everything a lent GPU must verify about the recurrent op, in one
+# command (about 8 minutes at most on an H100):
+#   1. environment (GPU, driver, torch, nvcc)            -> OUTDIR/env.txt
+#   2. JIT build of csrc/ (CUDA variant)                 -> OUTDIR/build.log
+#   3. the op tests: `cuda`-marked ones and the quick CPU ones, against the CUDA build
+#                                                        -> OUTDIR/pytest.log, OUTDIR/pytest.xml
+#   4. the grid-barrier microbenchmark on its own        -> OUTDIR/barrier.json
+#   5. `asr bench rnn`: the target configurations first, then the full sweep in the time left
+#                                                        -> OUTDIR/bench_targets.json, OUTDIR/bench_rnn.json (+ .png)
+#   6. a short table, printed last                       -> OUTDIR/summary.json
+# Runs from a plain copy of the repository with the machine's own python3 (torch, ninja, nvcc; the
+# package need not be installed and jiwer/soundfile need not exist): PYTHONPATH=. and `python3 -m`.
+# Exit status: 0 when the build and every test passed, 1 otherwise (the table is printed either way).
+set -u -o pipefail
+
+OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
+PY=${PYTHON:-python3}
+BUDGET_SECONDS=${GPU_CHECK_BUDGET_SECONDS:-470}   # whole script, leaves margin under 8 minutes
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export ASR_OPS_VARIANT=cuda                       # every load in this check uses the CUDA build
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+START=$SECONDS
+left() { echo $(( BUDGET_SECONDS - (SECONDS - START) )); }
+stage() { echo; echo "=== [$(( SECONDS - START )) s] $*"; }
+status_build=skipped status_tests=skipped status_barrier=skipped status_bench=skipped
+
+stage "environment"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.is_available() and torch.cuda.get_device_name())' 2>&1
+  "$PY" -c 'from asr.ops import build; print("nvcc", build.find_nvcc())' 2>&1
+  nvcc --version 2>&1 | tail -2
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+} | tee "$OUT/env.txt"
+
+stage "build (CUDA variant, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+if timeout 300 "$PY" -m asr.cli ops build --variant cuda --verbose >"$OUT/build.log" 2>&1; then
+  status_build=passed
+else
+  status_build=failed
+fi
+tail -3 "$OUT/build.log"
+
+if [ "$status_build" = passed ]; then
+  stage "tests (cuda-marked and quick CPU op tests, against the CUDA build)"
+  test_seconds=$(( $(left) - 150 )); [ "$test_seconds" -gt 240 ] && test_seconds=240
+  if timeout "$test_seconds" "$PY" -m pytest -p no:cacheprovider -q -rs -m "cuda or not slow" \
+      --junitxml="$OUT/pytest.xml" tests/test_ops_cuda.py tests/test_ops_extension.py tests/test_ops_reference.py \
+      >"$OUT/pytest.log" 2>&1; then
+    status_tests=passed
+  else
+    status_tests=failed
+  fi
+  tail -15 "$OUT/pytest.log"
+
+  stage "grid-barrier microbenchmark"
+  if timeout 60 "$PY" - "$OUT/barrier.json" >"$OUT/barrier.log" 2>&1 <<'EOF'
+import json, sys
+import torch
+from asr.ops import build, custom_op
+build.load("cuda")
+ops = custom_op.ops()
+props = torch.cuda.get_device_properties(0)
+rows = []
+for blocks in (0, props.multi_processor_count // 2, props.multi_processor_count):
+    us = ops.measure_barrier(0, blocks, 5000)
+    rows.append({"blocks": blocks if blocks > 0 else "planner default", "microseconds": us})
+    print(f"blocks {rows[-1]['blocks']}: {us:.2f} us per grid barrier")
+json.dump({"device": torch.cuda.get_device_name(0), "sms": props.multi_processor_count, "results": rows},
+          open(sys.argv[1], "w"), indent=1)
+EOF
+  then status_barrier=passed; else status_barrier=failed; fi
+  cat "$OUT/barrier.log"
+
+  stage "benchmark: target configurations"
+  if timeout 120 "$PY" -m asr.cli bench rnn --hidden 1152 --batch 4,64 --dtype float32,float16 \
+      --out "$OUT/bench_targets.json" --no-plot >"$OUT/bench_targets.log" 2>&1; then
+    status_bench=passed
+  else
+    status_bench=failed
+  fi
+  tail -4 "$OUT/bench_targets.log"
+
+  sweep_seconds=$(( $(left) - 40 ))
+  if [ "$sweep_seconds" -gt 30 ]; then
+    stage "benchmark: full sweep (budget ${sweep_seconds} s)"
+    timeout $(( sweep_seconds + 60 )) "$PY" -m asr.cli bench rnn --budget-seconds "$sweep_seconds" \
+        --out "$OUT/bench_rnn.json" >"$OUT/bench_rnn.log" 2>&1 || status_bench=failed
+    tail -3 "$OUT/bench_rnn.log"
+  else
+    echo "no time left for the full sweep"
+  fi
+fi
+
+stage "summary"
+"$PY" - "$OUT" "$status_build" "$status_tests" "$status_barrier" "$status_bench" "$(( SECONDS - START ))" <<'EOF'
+import json, sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+out, build, tests, barrier, bench, seconds = Path(sys.argv[1]), *sys.argv[2:6], int(sys.argv[6])
+summary = {"build": build, "tests": tests, "barrier": barrier, "bench": bench, "seconds": seconds}
+if (out / "pytest.xml").is_file():
+    suite = ET.parse(out / "pytest.xml").getroot()
+    suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+    summary["pytest"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+if (out / "barrier.json").is_file():
+    summary["barrier_us"] = {str(r["blocks"]): round(r["microseconds"], 2)
+                             for r in json.loads((out / "barrier.json").read_text())["results"]}
+targets = []
+if (out / "bench_targets.json").is_file():
+    report = json.loads((out / "bench_targets.json").read_text())
+    summary["device"] = report["device"]
+    for r in report["results"]:
+        if r["backend"] == "persistent":
+            targets.append(r)
+summary["targets"] = targets
+(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+print(f"device: {summary.get('device', '?')}   wall time: {seconds} s")
+print(f"build: {build}   tests: {tests} {summary.get('pytest', '')}   barrier: {barrier}   bench: {bench}")
+for blocks, us in summary.get("barrier_us", {}).items():
+    print(f"grid barrier, {blocks} blocks: {us} us")
+print(f"{'dtype':<9}{'mode':<7}{'H':>6}{'N':>4}{'us/step':>10}{'TFLOP/s':>9}{'x cuDNN':>9}   target")
+for r in targets:
+    goal = {4: ">= 5x" if r["mode"] == "fwdbwd" else "", 64: ">= 1x" if r["mode"] == "fwdbwd" else ""}[r["batch"]]
+    if r["us_per_step"] is None:
+        print(f"{r['dtype']:<9}{r['mode']:<7}{r['hidden']:>6}{r['batch']:>4}  n/a: {r['error'][:60]}")
+        continue
+    speedup = r["speedup_over_cudnn"]
+    print(f"{r['dtype']:<9}{r['mode']:<7}{r['hidden']:>6}{r['batch']:>4}{r['us_per_step']:>10.1f}"
+          f"{r['tflops']:>9.3f}{(f'{speedup:.2f}' if speedup else '-'):>9}   {goal}")
+EOF
+[ "$status_build" = passed ] && [ "$status_tests" = passed ]
