@@ -11,14 +11,18 @@
 // maps p to time t = p, direction 1 to t = L-1-p. Forward step s handles p = s; backward step s
 // handles p = T-1-s, and one extra backward step (s = T) turns W^T du_0 into dh0.
 //
-// Status: compiled in CI; not yet run on a GPU at the time of writing (see csrc/README.md).
+// Status: compiled in CI and, for fp32, run on CPU threads by csrc/tests/prnn_emulation_test.cpp;
+// not yet run on a GPU at the time of writing (see csrc/README.md).
 #pragma once
 
+#include <stdint.h>
+
+#ifndef PRNN_HOST_EMULATION
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <cooperative_groups.h>
-#include <stdint.h>
+#endif  // PRNN_HOST_EMULATION: csrc/tests/prnn_emulation_test.cpp runs the fp32 kernel on CPU threads
 
 #include "prnn.h"
 #include "prnn_planner.h"
@@ -49,16 +53,20 @@ struct KernelArgs {
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+#ifndef PRNN_HOST_EMULATION
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
   return __bfloat162float(v);
 }
+#endif
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+#ifndef PRNN_HOST_EMULATION
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+#endif
 
 __device__ __forceinline__ float activate(int act, float x) {
   if (act == PRNN_ACT_TANH) return tanhf(x);
@@ -74,20 +82,33 @@ __device__ __forceinline__ float activation_grad_from_output(int act, float y) {
   return y > 0.0f ? 1.0f : 0.0f;
 }
 
+#ifndef PRNN_HOST_EMULATION
 __device__ __forceinline__ unsigned int load_acquire_gpu(const unsigned int* p) {
   unsigned int v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
 
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  return smem_bytes;
+}
+#endif
+
 // Grid-wide barrier over a monotonically increasing arrival counter (zeroed before the launch):
 // barrier number `generation` (1, 2, ...) completes when all blocks have arrived `generation` times.
 // Needs every block co-resident, which the cooperative launch guarantees.
 __device__ __forceinline__ void grid_barrier(const KernelArgs& a, unsigned int generation) {
+#ifndef PRNN_HOST_EMULATION
   if (a.use_cg_barrier) {
     cooperative_groups::this_grid().sync();
     return;
   }
+#endif
+#ifdef PRNN_HOST_EMULATION
+  (void)generation;
+  emulated_grid_sync();
+#else
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned int target = generation * gridDim.x;
@@ -98,6 +119,7 @@ __device__ __forceinline__ void grid_barrier(const KernelArgs& a, unsigned int g
     __threadfence();
   }
   __syncthreads();
+#endif
 }
 
 __device__ __forceinline__ int sequence_length(const KernelArgs& a, int n, int T) {
@@ -139,7 +161,7 @@ struct EpilogueInputs {
 template <typename T, int RG, bool kBackward>
 __global__ void __launch_bounds__(kKernelMaxThreads, 1)
 persistent_rnn_kernel(const Plan p, const KernelArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   T* w_s = reinterpret_cast<T*>(smem + p.smem_w_offset);              // [rows_padded][H]
   float* x_s = reinterpret_cast<float*>(smem + p.smem_x_offset);      // [batch_chunk][H]
   float* red_s = reinterpret_cast<float*>(smem + p.smem_red_offset);  // [k_splits][batch_chunk][rows_padded]
@@ -330,6 +352,7 @@ persistent_rnn_kernel(const Plan p, const KernelArgs a) {
 const void* forward_kernel(prnnDataType_t dtype, int row_group);
 const void* backward_kernel(prnnDataType_t dtype, int row_group);
 
+#ifndef PRNN_HOST_EMULATION
 template <bool kBackward>
 const void* select_kernel(prnnDataType_t dtype, int row_group) {
 #define PRNN_SELECT_ROW_GROUP(T)                                              \
@@ -347,5 +370,6 @@ const void* select_kernel(prnnDataType_t dtype, int row_group) {
   }
 #undef PRNN_SELECT_ROW_GROUP
 }
+#endif  // PRNN_HOST_EMULATION
 
 }  // namespace prnn

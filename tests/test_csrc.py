@@ -24,6 +24,7 @@ DEFAULT_FULL_ARCH_LIST = "8.0;9.0+PTX"
 NO_GPU_EXIT = 77  # prnn_test's exit status when no GPU is usable
 COMPILE_TIMEOUT_S = 600
 GPU_TEST_TIMEOUT_S = 300
+EMULATION_TIMEOUT_S = 600  # thousands of OS threads meeting at barriers: ~1 minute on 2 cores
 
 
 def find_nvcc() -> Path | None:
@@ -92,6 +93,27 @@ def test_planner_on_a100_h100_h200_l4(tmp_path):
     assert summary, result.stdout
     assert int(summary.group(1)) > 1000 and int(summary.group(2)) > 0
     assert "H100 refusal: hidden 4096 fp32" in result.stdout
+
+
+@pytest.mark.slow
+def test_fp32_kernels_emulated_on_cpu_threads(tmp_path):
+    """The kernel template itself, compiled by g++ with a thread-per-CUDA-thread shim, against a CPU
+    loop (indexing, staging, reductions, positions, epilogues; not the GPU's memory ordering)."""
+    cxx = find_cxx()
+    nvcc = find_nvcc()
+    if cxx is None or nvcc is None:
+        pytest.skip("needs a C++20 compiler and the CUDA headers")
+    exe = tmp_path / "prnn_emulation_test"
+    build = run(
+        [cxx, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-pthread", "-DPRNN_HOST_EMULATION", f"-I{CSRC}",
+         f"-I{nvcc.parent.parent / 'include'}", str(CSRC / "prnn_planner.cpp"),
+         str(CSRC / "tests" / "prnn_emulation_test.cpp"), "-o", str(exe)],
+        timeout=COMPILE_TIMEOUT_S,
+    )
+    assert build.returncode == 0, build.stderr
+    result = run([str(exe)], timeout=EMULATION_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "emulation test: 0 failures" in result.stdout
 
 
 @pytest.fixture(scope="module")
