@@ -137,7 +137,10 @@ class GreedyDecoder:
 def spell(tokenizer: Tokenizer, word: str) -> list[str] | None:
     """The word as the tokenizer's tokens, as the lexicon lists it; None if it cannot be spelled
     (a token outside the vocabulary)."""
-    ids = tokenizer.encode(word)
+    try:
+        ids = tokenizer.encode(word)
+    except UserError:  # a character outside the vocabulary
+        return None
     if not ids or any(i <= BLANK_ID or i >= len(tokenizer.tokens) for i in ids):
         return None
     # no trailing word delimiter: the model emits "|" only between words, never after the last

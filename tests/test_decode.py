@@ -92,6 +92,9 @@ def test_spell_and_lexicon_words():
     assert spell(CharTokens(), "DON'T") == ["D", "O", "N", "'", "T"]
     assert spell(PieceTokens(), "CATS") == ["▁C", "AT", "S"]
     assert spell(PieceTokens(), "DOG") is None  # needs <unk>
+    from asr.data.tokenizer import CharTokenizer
+
+    assert spell(CharTokenizer(), "R2D2") is None  # digits are not in the character vocabulary
     assert lexicon_words(["THE CAT", "A CAT  SAT", ""]) == ["A", "CAT", "SAT", "THE"]
 
 
