@@ -5,12 +5,12 @@ Both decoders take log-probabilities (N, T, V) with the blank at index 0 and ret
 alignment (the best path for greedy, the winning beam's path for beam search).
 
 The beam decoder is flashlight's lexicon decoder through torchaudio's `ctc_decoder`: words are
-restricted to a lexicon (the training words, spelled with the model's tokenizer) and scored with
-a KenLM model (an ARPA file, see asr.lm). With a character tokenizer the lexicon spells
-"CAT" as "C A T" and "|", which the model emits between words, is the decoder's silence token. A SentencePiece tokenizer has no
-word delimiter (a word starts at a piece with "▁"), so the lexicon spells words as pieces and the
-decoder gets a silence token of its own that the acoustic model never emits (its
-log-probability column is filled with LOG_PROB_NEVER).
+restricted to a lexicon (the LM's words, spelled with the model's tokenizer) and scored with a
+KenLM model (an ARPA file, see asr.lm). With a character tokenizer the lexicon spells "CAT" as
+"C A T", and "|", which the model emits between words, is the decoder's silence token. A
+SentencePiece tokenizer has no word delimiter (a word starts at a piece with "▁"), so the
+lexicon spells words as pieces and the decoder gets a silence token of its own that the
+acoustic model never emits (its log-probability column is filled with LOG_PROB_NEVER).
 """
 
 from __future__ import annotations
