@@ -35,7 +35,7 @@ BACKENDS = ("persistent", "cudnn", "reference")
 MODES = ("fwd", "fwdbwd")
 QUICK = dict(hidden=(256,), batch=(1, 4, 16), time_steps=50, dtype=("float32",))  # --quick
 TARGET_SECONDS_PER_CONFIG = 0.15  # timed repetitions stop after about this long (after warm-up)
-MIN_REPEATS = 3
+MIN_REPEATS = 5
 MAX_REPEATS = 50
 WARMUP_RUNS = 2
 RESULTS_DIR = Path("benchmarks/results")

@@ -103,7 +103,7 @@ def cached_variant() -> str | None:
     """A variant whose library is already built in the cache (cuda first), without compiling."""
     if find_nvcc() is not None:
         directory = build_directory("cuda", cuda_arch_list())
-        if (directory / f"{_extension_name('cuda')}.so").is_file():
+        if any(directory.glob(f"{_extension_name('cuda')}*.so")):  # cpp_extension adds _v1, _v2... on rebuilds
             return "cuda"
     return None
 

@@ -146,6 +146,11 @@ def recurrence(
     lengths: None (all T) or an int64 (N,) tensor on the CPU or u's device.
     Returns y (same shape as u, zero at t >= lengths[n]) and h_last ((N, H) / (N, D, H)), the last
     valid state of each sequence. Differentiable wrt u, w_hh and h0.
+
+    backend: "persistent" is the compiled op of csrc/ (the persistent kernel for CUDA tensors, its
+    C++ loop for CPU tensors); "cudnn" is torch.nn.RNN's kernel; "reference" the plain-PyTorch
+    oracle; "auto" takes "persistent" where it can run the problem and otherwise falls back
+    (cudnn, or reference for clipped_relu), logging why.
     """
     if activation not in ACTIVATIONS:
         raise UserError(f"recurrence: activation must be one of {ACTIVATIONS}, got {activation!r}")
