@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from asr.errors import AudioError
 
 SAMPLE_RATE = 16000  # Hz, what every model in this project consumes
 SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+_DECLARED_DATA_CHUNK = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
+_STREAMING_CHUNK_SIZES = {0, 0x7FFFFFFF, 0xFFFFFFFF}  # placeholders of writers that could not seek back
 
 
 def audio_info(path: str | os.PathLike) -> tuple[int, int]:
@@ -38,6 +41,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
         with sf.SoundFile(str(path)) as f:
             declared = f.frames
             source_rate = f.samplerate
+            header_log = f.extra_info
             data = f.read(dtype="float32", always_2d=True)  # (frames, channels)
     except Exception as err:
         raise AudioError(path, f"cannot decode audio ({_short(err)})") from None
@@ -46,6 +50,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
     # libsndfile reports the header's frame count; fewer decoded frames means the file was cut short.
     if 0 < declared < (1 << 62) and data.shape[0] < declared:
         raise AudioError(path, f"truncated: header declares {declared} frames, only {data.shape[0]} decode")
+    # For WAV, libsndfile quietly shrinks the frame count to what the file holds; its header log
+    # keeps the chunk size the header declared ("data : 64000 (should be 31978)").
+    chunk = _DECLARED_DATA_CHUNK.search(header_log)
+    if chunk and int(chunk[1]) not in _STREAMING_CHUNK_SIZES and int(chunk[2]) < int(chunk[1]):
+        raise AudioError(path, f"truncated: header declares a {chunk[1]}-byte data chunk, the file holds {chunk[2]}")
     if not np.isfinite(data).all():
         raise AudioError(path, "contains NaN or infinite samples")
     wave = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
@@ -54,6 +63,16 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
 
         wave = AF.resample(wave, source_rate, sample_rate)
     return wave.contiguous()
+
+
+def init_decode_worker() -> None:
+    """Initializer for pools of processes that decode audio: one torch thread per process.
+
+    A forked child deadlocks in the first OpenMP parallel region when its parent had already used
+    OpenMP (libgomp is not fork-safe), e.g. a resample in the parent before the pool started; with
+    one thread no parallel region starts, and the pool provides the parallelism anyway.
+    """
+    torch.set_num_threads(1)
 
 
 def save_flac(path: str | os.PathLike, wave: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:

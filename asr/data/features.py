@@ -55,7 +55,12 @@ class LogMel(nn.Module):
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        feats = torch.log(self.mel(wave) + LOG_FLOOR).transpose(0, 1)  # (n_mels, T) -> (T, n_mels)
+        samples = wave.shape[-1]
+        min_samples = self.config.n_fft // 2 + 1  # centred frames reflect-pad n_fft/2 samples each side
+        if samples < min_samples:  # a clip shorter than that (~16 ms) is zero-extended, frame count kept
+            wave = nn.functional.pad(wave, (0, min_samples - samples))
+        mel = self.mel(wave)[:, : self.config.num_frames(samples)]  # (n_mels, T)
+        feats = torch.log(mel + LOG_FLOOR).transpose(0, 1)  # (n_mels, T) -> (T, n_mels)
         mean = feats.mean(dim=0, keepdim=True)
         std = feats.std(dim=0, keepdim=True) if feats.shape[0] > 1 else torch.ones_like(mean)
         return ((feats - mean) / (std + 1e-5)).contiguous()

@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asr.data.audio import SAMPLE_RATE, load_audio
+from asr.data.audio import SAMPLE_RATE, init_decode_worker, load_audio
 from asr.data.manifest import Utterance, read_manifest, write_manifest
 from asr.data.text import normalize_text
 from asr.errors import AudioError, UserError
@@ -169,7 +169,7 @@ def index_split(root: str | os.PathLike, split: str, workers: int | None = None,
     durations: dict[str, float] = {}
     workers = workers or os.cpu_count() or 1
     paths = [str(audio[u]) for u in paired]
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=init_decode_worker) as pool:
         results = pool.map(_probe, paths, chunksize=32)
         for path, seconds, error in progress_bar(results, total=len(paths), unit="file", desc=f"indexing {split}", enabled=progress):
             if error is None:
@@ -187,15 +187,17 @@ def index_split(root: str | os.PathLike, split: str, workers: int | None = None,
 def prepare_split(root: str | os.PathLike, split: str, workers: int | None = None, progress: bool = True) -> SplitIndex:
     """Index a split and write its manifest (and an .errors.txt listing every skipped item)."""
     index = index_split(root, split, workers, progress)
-    if not index.utterances:
-        raise UserError(f"{split_dir(root, split)}: no readable utterances ({len(index.errors)} errors)")
     manifest = manifest_path(root, split)
-    write_manifest(manifest, index.utterances)
     errors = manifest.with_suffix(".errors.txt")
     if index.errors:
+        errors.parent.mkdir(parents=True, exist_ok=True)
         errors.write_text("\n".join(index.errors) + "\n", encoding="utf-8")
     elif errors.exists():
         errors.unlink()
+    if not index.utterances:
+        first = f"; first: {index.errors[0]}; all listed in {errors}" if index.errors else ""
+        raise UserError(f"{split_dir(root, split)}: no readable utterances ({len(index.errors)} errors{first})")
+    write_manifest(manifest, index.utterances)
     return index
 
 

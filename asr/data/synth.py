@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
-from asr.data.audio import SAMPLE_RATE, load_audio, save_flac
+from asr.data.audio import SAMPLE_RATE, init_decode_worker, load_audio, save_flac
 from asr.data.sentences import Sentence, load_sentences
 from asr.errors import AudioError, UserError
 from asr.progress import progress_bar
@@ -182,7 +182,7 @@ def synthesize(out: str | os.PathLike, hours: float, seed: int = 0, held_out: in
     results: dict[str, tuple[RenderJob, float]] = {}
     failures: list[tuple[RenderJob, str]] = []
     workers = workers or os.cpu_count() or 1
-    with Pool(workers) as pool, progress_bar(total=len(jobs), unit="utt", desc="rendering", enabled=progress) as bar:
+    with Pool(workers, initializer=init_decode_worker) as pool, progress_bar(total=len(jobs), unit="utt", desc="rendering", enabled=progress) as bar:
         for job, seconds, error in pool.imap_unordered(render_one, jobs, chunksize=8):
             if error is None:
                 results[job.utt_id] = (job, seconds)

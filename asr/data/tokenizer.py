@@ -101,7 +101,14 @@ class SentencePieceTokenizer:
         return len(self.tokens)
 
     def encode(self, text: str) -> list[int]:
-        return [i + 1 for i in self._sp.encode(text, out_type=int)]
+        ids = self._sp.encode(text, out_type=int)
+        if self._sp.unk_id() in ids:  # an unknown piece would not decode back to the text
+            known = {ch for i in range(self._sp.get_piece_size()) if not self._sp.is_unknown(i)
+                     for ch in self._sp.id_to_piece(i)}
+            unknown = "".join(sorted(set(text) - known - {" "}))
+            raise UserError(f"text {text!r}: characters {unknown!r} are not in the SentencePiece vocabulary "
+                            "(transcripts must be LibriSpeech-normalised)")
+        return [i + 1 for i in ids]
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([i - 1 for i in ids if i != self.blank_id])
