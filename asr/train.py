@@ -221,15 +221,20 @@ class SpeechRecognizer(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         else:
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(hp.warmup_steps, total)
+        warmup = hp.warmup_steps
+        total_steps: dict[str, int] = {}
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            if hp.schedule == "constant" or total <= warmup:
+            if hp.schedule == "constant" or step == warmup:
                 return 1.0
-            progress = min(1.0, (step - warmup) / (total - warmup))
+            # Asked lazily: estimated_stepping_batches sets up the training loader, which must happen
+            # after a checkpoint's loader state is restored, not here in configure_optimizers.
+            if "n" not in total_steps:
+                total_steps["n"] = max(1, int(self.trainer.estimated_stepping_batches))
+            total = total_steps["n"]
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
             shape = 0.5 * (1 + math.cos(math.pi * progress)) if hp.schedule == "cosine" else 1 - progress
             return hp.final_lr_ratio + (1 - hp.final_lr_ratio) * shape
 
