@@ -41,7 +41,8 @@ DECODER_CHOICES = ("greedy", "beam", "both")
 BEAM_NAME = "beam+lm"  # the beam decoder's name in results and reports
 RESULT_JSON = "evaluation.json"
 RESULT_MARKDOWN = "evaluation.md"
-LM_FILE = "lm.arpa"
+LM_FILE = "lm.arpa"  # the word LM training leaves in its run folder
+RUN_CONFIG_FILE = "config.yaml"  # the resolved config training saves in its run folder
 # lm_weight x word_score grid searched by tune_beam (on a dev split)
 TUNE_LM_WEIGHTS = (0.5, 1.0, 2.0, 3.0)
 TUNE_WORD_SCORES = (-1.0, 0.0, 1.0)
@@ -340,29 +341,25 @@ def build_decoders(
 
 
 def _data_section_of_run_config(checkpoint: Path) -> dict:
-    """The `data` section of the resolved config saved in the checkpoint's run folder (LightningCLI's
-    config.yaml beside the checkpoint or one folder up), or {}."""
+    """The `data` section of the resolved config that training saved in the checkpoint's run
+    folder (config.yaml beside the checkpoint), or {}."""
     import yaml
 
-    for folder in (checkpoint.parent, checkpoint.parent.parent):
-        config_path = folder / "config.yaml"
-        if config_path.is_file():
-            try:
-                config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError:
-                return {}
-            data = config.get("data") or {}
-            return data.get("init_args", data) if isinstance(data, dict) else {}
-    return {}
+    config_path = checkpoint.parent / RUN_CONFIG_FILE
+    if not config_path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return {}
+    data = config.get("data") if isinstance(config, dict) else None
+    return data.get("init_args", data) if isinstance(data, dict) else {}
 
 
 def run_language_model(checkpoint: str | Path) -> Path | None:
     """The word LM that training left in the checkpoint's run folder (lm.arpa), if any."""
-    checkpoint = Path(checkpoint)
-    for folder in (checkpoint.parent, checkpoint.parent.parent):
-        if (folder / LM_FILE).is_file():
-            return folder / LM_FILE
-    return None
+    path = Path(checkpoint).parent / LM_FILE
+    return path if path.is_file() else None
 
 
 def recorded_training_texts(model, checkpoint: str | Path | None = None) -> list[str] | None:
