@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -471,7 +472,8 @@ def training_report(trainer: L.Trainer, model: SpeechRecognizer, run_dir: Path) 
     }
 
 
-def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size: int) -> dict:
+def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size: int,
+               device: torch.device = torch.device("cpu")) -> dict:
     """Build the word LM from the training transcripts, evaluate the best checkpoint on every test
     split with greedy and beam+LM decoding, and write report.json + report.md."""
     from asr.evaluate import build_decoders, evaluate
@@ -482,7 +484,7 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
     best = run_dir / f"{BEST_CHECKPOINT}.ckpt"
     last = run_dir / f"{LAST_CHECKPOINT}.ckpt"
     checkpoint = best if best.is_file() else last
-    model = load_for_inference(checkpoint)
+    model = load_for_inference(checkpoint, map_location=device)
     report["evaluated_checkpoint"] = str(checkpoint)
     texts = [u.text for u in datamodule.train_utterances]
     lm_path = build_arpa(texts, run_dir / LM_FILE, order=LM_ORDER)
@@ -502,6 +504,8 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     torch.set_float32_matmul_precision("high")
+    # `asr train ...` passes its own arguments; sys.argv stays whole for Lightning's DDP relaunch.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     cli = TrainCLI(
         SpeechRecognizer,
         TrainingDataModule,
@@ -520,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cli.trainer.is_global_zero:
         return 0
     if cli.config.get("evaluate", True):
-        report = finish_run(report, run_dir, cli.datamodule, cli.config.get("beam_size") or 50)
+        report = finish_run(report, run_dir, cli.datamodule, cli.config.get("beam_size") or 50, cli.model.device)
     else:
         from asr.report import write_report
 
