@@ -44,8 +44,8 @@ RESULT_MARKDOWN = "evaluation.md"
 LM_FILE = "lm.arpa"  # the word LM training leaves in its run folder
 RUN_CONFIG_FILE = "config.yaml"  # the resolved config training saves in its run folder
 # lm_weight x word_score grid searched by tune_beam (on a dev split)
-TUNE_LM_WEIGHTS = (0.5, 1.0, 2.0, 3.0)
-TUNE_WORD_SCORES = (-1.0, 0.0, 1.0)
+TUNE_LM_WEIGHTS = (1.0, 2.0, 3.0, 4.0)
+TUNE_WORD_SCORES = (-2.0, -1.0, 0.0, 1.0)
 TUNE_MAX_UTTERANCES = 200
 
 

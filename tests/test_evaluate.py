@@ -235,7 +235,7 @@ def test_command_tunes_on_a_dev_split(corpus, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     options = json.loads((tmp_path / "e" / "evaluation.json").read_text())["decoder_options"]
     tuning = options["tuning"]
-    assert len(tuning["grid"]) == 12 and tuning["utterances"] == 3
+    assert len(tuning["grid"]) == 16 and tuning["utterances"] == 3
     assert (options["lm_weight"], options["word_score"]) == (tuning["lm_weight"], tuning["word_score"])
 
 
