@@ -44,6 +44,8 @@ BEST_CHECKPOINT = "best"  # file stem in the run folder
 LAST_CHECKPOINT = "last"
 LM_FILE = "lm.arpa"
 LM_ORDER = 3
+BEAM_LM_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0)  # tried on the dev split after training
+BEAM_WORD_SCORES = (-3.0, -2.0, -1.0, 0.0)
 REPORTED_SCORES = ("wer", "cer", "substitutions", "deletions", "insertions", "reference_words", "rtf")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")  # decay after warmup
@@ -472,6 +474,26 @@ def training_report(trainer: L.Trainer, model: SpeechRecognizer, run_dir: Path) 
     }
 
 
+def tune_beam_on_dev(model, datamodule: ASRDataModule, lm_path, lexicon: list[str], beam_size: int,
+                     report: dict) -> tuple[float, float]:
+    """The LM weight and word score with the lowest beam+LM WER on the dev split (never a test split).
+    The acoustic model runs once; every candidate decodes the same log-probabilities."""
+    from asr.decode import BeamLMDecoder
+    from asr.evaluate import evaluate
+
+    dev = datamodule.test_utterances(datamodule.dev_split)
+    candidates = {f"{w}/{s}": (w, s) for w in BEAM_LM_WEIGHTS for s in BEAM_WORD_SCORES}
+    decoders = {name: BeamLMDecoder(model.tokenizer, lm_path, lexicon, beam_size=beam_size, lm_weight=w, word_score=s)
+                for name, (w, s) in candidates.items()}
+    result = evaluate(model, dev, decoders, max_batch_seconds=datamodule.max_batch_seconds)
+    wers = {name: scores.wer for name, scores in result.scores.items()}
+    best = min(wers, key=lambda name: (wers[name], name))
+    report["decoding"] = {"beam_size": beam_size, "lm_order": LM_ORDER, "lm_weight": candidates[best][0],
+                          "word_score": candidates[best][1], "tuned_on": datamodule.dev_split,
+                          "dev_wer": wers[best], "dev_wer_by_weight/score": wers}
+    return candidates[best]
+
+
 def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size: int,
                device: torch.device = torch.device("cpu")) -> dict:
     """Build the word LM from the training transcripts, evaluate the best checkpoint on every test
@@ -488,8 +510,10 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
     report["evaluated_checkpoint"] = str(checkpoint)
     texts = [u.text for u in datamodule.train_utterances]
     lm_path = build_arpa(texts, run_dir / LM_FILE, order=LM_ORDER)
-    decoders = build_decoders(model.tokenizer, "both", lm_path=lm_path, lexicon=sorted({w for t in texts for w in t.split()}),
-                              beam_size=beam_size)
+    lexicon = sorted({w for t in texts for w in t.split()})
+    lm_weight, word_score = tune_beam_on_dev(model, datamodule, lm_path, lexicon, beam_size, report)
+    decoders = build_decoders(model.tokenizer, "both", lm_path=lm_path, lexicon=lexicon, beam_size=beam_size,
+                              lm_weight=lm_weight, word_score=word_score)
     report["eval"] = {}
     for split in datamodule.test_splits:
         utterances = datamodule.test_utterances(split)

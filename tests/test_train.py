@@ -63,6 +63,7 @@ def test_tiny_recipe_trains_evaluates_and_reports(corpus, tmp_path, capsys):
             scores = report["eval"][split][decoder]
             assert scores["utterances"] == 3 and scores["reference_words"] > 0 and scores["wer"] >= 0
     assert "test-unseen-voice" in capsys.readouterr().out  # the Markdown report is printed
+    assert report["decoding"]["tuned_on"] == "dev" and report["decoding"]["lm_weight"] > 0
 
     config = (run_dir / "config.yaml").read_text()
     assert "rnn_hidden: 16" in config and str(corpus) in config  # the resolved config, overrides included
