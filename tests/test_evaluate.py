@@ -277,3 +277,13 @@ def test_command_adds_lm_text_to_the_training_transcripts(corpus, tmp_path, caps
     assert payload["lexicon_words"] == 9
     assert payload["title"] == str(ckpt)
     assert (tmp_path / "e" / "evaluation.md").read_text().startswith(f"# Evaluation of {ckpt}")
+
+
+def test_run_language_model_is_looked_for_beside_the_checkpoint_only(tmp_path):
+    from asr.evaluate import run_language_model
+
+    (tmp_path / "run").mkdir()
+    build_arpa(["SOME WORDS"], tmp_path / "lm.arpa")  # a folder up: not this run's
+    assert run_language_model(tmp_path / "run" / "best.ckpt") is None
+    build_arpa(["SOME WORDS"], tmp_path / "run" / "lm.arpa")
+    assert run_language_model(tmp_path / "run" / "best.ckpt") == tmp_path / "run" / "lm.arpa"
