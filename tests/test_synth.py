@@ -231,3 +231,22 @@ def test_render_metadata_is_complete(rendered):
     corpus = json.loads((out / "synth_corpus.json").read_text())
     assert corpus["seed"] == 0 and corpus["failed"] == [] and corpus["utterances"] == summary.utterances
     assert corpus["held_out_voice"]["speaker_id"] == synth.DEFAULT_HELD_OUT
+
+
+def test_sentences_of_one_fortune_stay_in_one_split_and_out_of_the_lm_text(tmp_path, engines_present):
+    # Three sentences per fortune: the planner must never put two of them in different splits,
+    # and the LM text must hold no sentence of a fortune that gave a dev or test utterance.
+    sentences = [
+        Sentence(text=s.text, spoken=s.spoken, source="test", entry=f"db:{i // 3}")
+        for i, s in enumerate(_sentences(900))
+    ]
+    jobs = synth.plan_corpus(tmp_path, 0.3, 3, synth.DEFAULT_HELD_OUT, sentences)
+    split_of_entry = defaultdict(set)
+    for job in jobs:
+        split_of_entry[job.sentence.entry].add(job.split)
+    assert split_of_entry and all(len(splits) == 1 for splits in split_of_entry.values())
+
+    lm = synth.lm_text(sentences, jobs)
+    evaluation_entries = {j.sentence.entry for j in jobs if j.split != "train"}
+    assert lm and not {s.text for s in sentences if s.entry in evaluation_entries} & set(lm)
+    assert {j.sentence.text for j in jobs if j.split == "train"} <= set(lm)

@@ -29,6 +29,11 @@ class Sentence:
     text: str  # LibriSpeech-normalised, what the transcript says
     spoken: str  # what is passed to the TTS engine (original casing and punctuation)
     source: str  # e.g. "fortunes/wisdom"
+    entry: str = ""  # the fortune it comes from, e.g. "wisdom:41"; sentences of one entry stay in one split
+
+    @property
+    def group(self) -> str:
+        return self.entry or self.text
 
 
 def find_fortune_dir() -> Path | None:
@@ -71,7 +76,7 @@ def load_sentences(fortune_dir: Path | None = None) -> list[Sentence]:
     for db in sorted(p for p in fortune_dir.iterdir() if p.is_file() and not p.suffix and p.with_suffix(".dat").exists()):
         if db.name in EXCLUDED_DATABASES:
             continue
-        for entry in _entries(db):
+        for entry_no, entry in enumerate(_entries(db)):
             for raw in _SENTENCE_END.split(entry):
                 raw = raw.strip().strip("\"'()[] ")
                 if not _usable(raw):
@@ -81,5 +86,5 @@ def load_sentences(fortune_dir: Path | None = None) -> list[Sentence]:
                 if not (MIN_WORDS <= n_words <= MAX_WORDS) or text in seen:
                     continue
                 seen.add(text)
-                sentences.append(Sentence(text=text, spoken=raw, source=f"fortunes/{db.name}"))
+                sentences.append(Sentence(text=text, spoken=raw, source=f"fortunes/{db.name}", entry=f"{db.name}:{entry_no}"))
     return sentences

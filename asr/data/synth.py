@@ -35,6 +35,7 @@ SECONDS_PER_WORD = 0.31  # planning estimate for TTS speech at the default rates
 SECONDS_PER_UTTERANCE_OVERHEAD = 0.45  # leading/trailing silence the engines add
 SPLIT_SHARES = {"train": 0.82, "dev": 0.06, "test-clean": 0.06, "test-unseen-voice": 0.06}
 HELD_OUT_SPLIT = "test-unseen-voice"
+LM_TEXT_FILE = "lm_text.txt"  # text-only LM corpus written beside LibriSpeech/
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,13 @@ def _voice_params(voice: Voice, rng: random.Random) -> tuple[float, float]:
 def plan_corpus(out: Path, hours: float, seed: int, held_out: int, sentences: list[Sentence]) -> list[RenderJob]:
     """Assign sentences to splits (disjoint), voices and prosody to utterances. Pure and deterministic."""
     rng = random.Random(seed)
-    order = list(range(len(sentences)))
+    # Shuffle whole fortunes, not sentences: a joke's set-up and punch line never straddle two splits.
+    groups: dict[str, list[Sentence]] = defaultdict(list)
+    for sentence in sentences:
+        groups[sentence.group].append(sentence)
+    order = list(groups)
     rng.shuffle(order)
-    pool = [sentences[i] for i in order]
+    pool = [s for g in order for s in groups[g]]
     voices = [v for v in VOICES if v.speaker_id != held_out]
     held = [v for v in VOICES if v.speaker_id == held_out]
     if not held:
@@ -139,9 +144,14 @@ def plan_corpus(out: Path, hours: float, seed: int, held_out: int, sentences: li
     chapter_counter = defaultdict(int)
     for split, share in SPLIT_SHARES.items():
         wanted = max(1, math.ceil(hours * 3600 * share / mean_seconds))
-        n_sentences = min(wanted, max(1, int(len(pool) * share)))
-        split_sentences = pool[start : start + n_sentences]
-        start += n_sentences
+        end = start + min(wanted, max(1, int(len(pool) * share)))
+        while 0 < end < len(pool) and pool[end].group == pool[end - 1].group:
+            end += 1  # finish the fortune
+        split_sentences = pool[start:end]
+        n_sentences = len(split_sentences)
+        if n_sentences == 0:
+            raise UserError(f"not enough sentences for split {split}: the text pool has {len(pool)}")
+        start = end
         split_voices = held if split == HELD_OUT_SPLIT else voices
         per_speaker: dict[int, list] = defaultdict(list)
         for k in range(wanted):
@@ -161,6 +171,13 @@ def plan_corpus(out: Path, hours: float, seed: int, held_out: int, sentences: li
     return jobs
 
 
+def lm_text(sentences: list[Sentence], jobs: list[RenderJob]) -> list[str]:
+    """A text-only LM corpus, like LibriSpeech's: every pool sentence whose fortune gave no
+    dev or test utterance (training sentences included, evaluation fortunes excluded whole)."""
+    held = {job.sentence.group for job in jobs if job.split != "train"}
+    return [s.text for s in sentences if s.group not in held]
+
+
 @dataclass(frozen=True)
 class SynthSummary:
     utterances: int
@@ -175,7 +192,8 @@ def synthesize(out: str | os.PathLike, hours: float, seed: int = 0, held_out: in
         raise UserError(f"--hours {hours}: must be positive")
     out = Path(out)
     started = time.perf_counter()
-    jobs = plan_corpus(out, hours, seed, held_out, load_sentences())
+    sentences = load_sentences()
+    jobs = plan_corpus(out, hours, seed, held_out, sentences)
     if (out / "LibriSpeech").exists():
         shutil.rmtree(out / "LibriSpeech")  # a corpus is rendered whole, never mixed with an older one
     out.mkdir(parents=True, exist_ok=True)
@@ -190,11 +208,18 @@ def synthesize(out: str | os.PathLike, hours: float, seed: int = 0, held_out: in
                 failures.append((job, error))
             bar.update()
     _write_transcripts(results)
+    _write_lines(out / LM_TEXT_FILE, lm_text(sentences, jobs))
     _write_metadata(out, hours, seed, held_out, results, failures)
     audio_hours = sum(s for _, s in results.values()) / 3600
     for job, error in failures:
         print(f"asr data synth: {job.utt_id}: {error}")
     return SynthSummary(len(results), len(failures), audio_hours, time.perf_counter() - started)
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _write_transcripts(results: dict[str, tuple[RenderJob, float]]) -> None:
