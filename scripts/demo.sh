@@ -9,14 +9,8 @@ SEED=${DEMO_SEED:-0}
 RECIPE=${RECIPE:-recipes/synth/tiny.yaml}
 
 start=$(date +%s)
-if [ -f "$CORPUS/synth_corpus.json" ] && grep -q "\"hours_requested\": $HOURS," "$CORPUS/synth_corpus.json" \
-   && grep -q "\"seed\": $SEED," "$CORPUS/synth_corpus.json"; then
-  echo "== corpus: $CORPUS already rendered ($HOURS h, seed $SEED); reading it back"
-  "${ASR[@]}" data prepare librispeech --root "$CORPUS" --splits train,dev,test-clean,test-unseen-voice
-else
-  echo "== corpus: rendering $HOURS h with espeak-ng and flite into $CORPUS (LibriSpeech layout)"
-  "${ASR[@]}" data synth --out "$CORPUS" --hours "$HOURS" --seed "$SEED"
-fi
+echo "== corpus: $HOURS h of espeak-ng and flite speech in $CORPUS (LibriSpeech layout), read back"
+"${ASR[@]}" data synth --out "$CORPUS" --hours "$HOURS" --seed "$SEED"
 
 if [ ! -f "$RECIPE" ]; then
   echo "== $RECIPE not found: stopping after the corpus"

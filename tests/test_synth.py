@@ -250,3 +250,11 @@ def test_sentences_of_one_fortune_stay_in_one_split_and_out_of_the_lm_text(tmp_p
     evaluation_entries = {j.sentence.entry for j in jobs if j.split != "train"}
     assert lm and not {s.text for s in sentences if s.entry in evaluation_entries} & set(lm)
     assert {j.sentence.text for j in jobs if j.split == "train"} <= set(lm)
+
+
+def test_a_rendered_corpus_is_recognised_and_other_options_are_not(rendered):
+    out, _ = rendered
+    assert synth.is_rendered(out, 0.02, 0)
+    assert not synth.is_rendered(out, 0.03, 0)
+    assert not synth.is_rendered(out, 0.02, 1)
+    assert (out / synth.LM_TEXT_FILE).read_text().strip()

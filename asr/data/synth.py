@@ -29,7 +29,7 @@ from asr.data.sentences import Sentence, load_sentences
 from asr.errors import AudioError, UserError
 from asr.progress import progress_bar
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # bump when the same options would render a different corpus
 UTTERANCES_PER_CHAPTER = 40
 SECONDS_PER_WORD = 0.31  # planning estimate for TTS speech at the default rates (measured: ~0.3)
 SECONDS_PER_UTTERANCE_OVERHEAD = 0.45  # leading/trailing silence the engines add
@@ -194,8 +194,10 @@ def synthesize(out: str | os.PathLike, hours: float, seed: int = 0, held_out: in
     started = time.perf_counter()
     sentences = load_sentences()
     jobs = plan_corpus(out, hours, seed, held_out, sentences)
-    if (out / "LibriSpeech").exists():
-        shutil.rmtree(out / "LibriSpeech")  # a corpus is rendered whole, never mixed with an older one
+    # A corpus is rendered whole, never mixed with an older one; what was derived from it goes too.
+    for derived in ("LibriSpeech", "manifests", "tokenizers"):
+        if (out / derived).exists():
+            shutil.rmtree(out / derived)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[RenderJob, float]] = {}
     failures: list[tuple[RenderJob, str]] = []
@@ -260,6 +262,19 @@ def _write_metadata(out: Path, hours: float, seed: int, held_out: int, results, 
     }, indent=2) + "\n", encoding="utf-8")
 
 
+def is_rendered(out: str | os.PathLike, hours: float, seed: int, held_out: int = DEFAULT_HELD_OUT) -> bool:
+    """True when `out` already holds a complete corpus rendered with these options by this version."""
+    out = Path(out)
+    try:
+        meta = json.loads((out / "synth_corpus.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    same = (meta.get("version") == CORPUS_VERSION and meta.get("hours_requested") == hours
+            and meta.get("seed") == seed and meta.get("held_out_voice", {}).get("speaker_id") == held_out
+            and not meta.get("failed"))
+    return same and sum(1 for _ in (out / "LibriSpeech").rglob("*.flac")) == meta.get("utterances")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="data/synth", help="corpus root (LibriSpeech/ is written inside)")
     parser.add_argument("--hours", type=float, default=1.0, help="audio hours to render, all splits together")
@@ -268,13 +283,20 @@ def add_arguments(parser) -> None:
                         help="speaker id of the voice kept for test-unseen-voice only")
     parser.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
     parser.add_argument("--no-prepare", action="store_true", help="do not build the manifests afterwards")
+    parser.add_argument("--force", action="store_true", help="render again even if --out holds this corpus")
 
 
 def run(args) -> int:
-    summary = synthesize(args.out, args.hours, args.seed, args.held_out_voice, args.workers)
-    rate = summary.audio_hours / (summary.wall_seconds / 60)
-    print(f"rendered {summary.utterances} utterances, {summary.audio_hours:.2f} h of audio in "
-          f"{summary.wall_seconds:.1f} s ({rate:.2f} audio hours per wall minute); {summary.failed} failed")
+    failed = 0
+    if not args.force and is_rendered(args.out, args.hours, args.seed, args.held_out_voice):
+        print(f"{args.out}: already holds this corpus (version {CORPUS_VERSION}, {args.hours} h, seed {args.seed}); "
+              "reading it back (--force renders it again)")
+    else:
+        summary = synthesize(args.out, args.hours, args.seed, args.held_out_voice, args.workers)
+        rate = summary.audio_hours / (summary.wall_seconds / 60)
+        print(f"rendered {summary.utterances} utterances, {summary.audio_hours:.2f} h of audio in "
+              f"{summary.wall_seconds:.1f} s ({rate:.2f} audio hours per wall minute); {summary.failed} failed")
+        failed = summary.failed
     if not args.no_prepare:
         from asr.data.librispeech import prepare_splits
         from asr.data.summary import print_summary
@@ -282,4 +304,4 @@ def run(args) -> int:
         splits = list(SPLIT_SHARES)
         manifests = prepare_splits(args.out, splits, workers=args.workers)
         print_summary({s: manifests[s] for s in splits})
-    return 1 if summary.failed else 0
+    return 1 if failed else 0
