@@ -43,6 +43,7 @@ CONFIG_FILE = "config.yaml"
 BEST_CHECKPOINT = "best"  # file stem in the run folder
 LAST_CHECKPOINT = "last"
 LM_FILE = "lm.arpa"
+LM_TEXT_FILE = "lm_text.txt"  # a corpus's text-only LM corpus, beside LibriSpeech/ (as the synth corpus writes)
 LM_ORDER = 3
 BEAM_LM_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0)  # tried on the dev split after training
 BEAM_WORD_SCORES = (-3.0, -2.0, -1.0, 0.0)
@@ -433,9 +434,13 @@ def _device_name(trainer: L.Trainer) -> str:
 
 
 def _backend_name(model: SpeechRecognizer) -> str:
+    """The requested backend and what it resolved to, e.g. "auto -> persistent"."""
     if model.config.rnn_cell == "gru":
         return "torch.nn.GRU"
-    return model.config.backend
+    from asr.ops import dispatch
+
+    used = sorted(set(getattr(dispatch, "_decisions", {}).values()))
+    return f"{model.config.backend} -> {', '.join(used)}" if used else model.config.backend
 
 
 def training_report(trainer: L.Trainer, model: SpeechRecognizer, run_dir: Path) -> dict:
@@ -474,6 +479,21 @@ def training_report(trainer: L.Trainer, model: SpeechRecognizer, run_dir: Path) 
     }
 
 
+def language_model_texts(datamodule: ASRDataModule) -> tuple[list[str], str]:
+    """The word LM's training text: the corpus's text-only LM file (<root>/lm_text.txt, which holds
+    the training sentences and other text, never an evaluation sentence) where there is one, like
+    LibriSpeech's LM corpus; otherwise the training transcripts."""
+    from asr.data.text import normalize_text
+
+    lm_file = Path(datamodule.root) / LM_TEXT_FILE
+    if lm_file.is_file():
+        lines = [normalize_text(line) for line in lm_file.read_text(encoding="utf-8").splitlines()]
+        lines = [line for line in lines if line]
+        if lines:
+            return lines, str(lm_file)
+    return [u.text for u in datamodule.train_utterances], "training transcripts"
+
+
 def tune_beam_on_dev(model, datamodule: ASRDataModule, lm_path, lexicon: list[str], beam_size: int,
                      report: dict) -> tuple[float, float]:
     """The LM weight and word score with the lowest beam+LM WER on the dev split (never a test split).
@@ -508,9 +528,11 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
     checkpoint = best if best.is_file() else last
     model = load_for_inference(checkpoint, map_location=device)
     report["evaluated_checkpoint"] = str(checkpoint)
-    texts = [u.text for u in datamodule.train_utterances]
+    texts, lm_source = language_model_texts(datamodule)
     lm_path = build_arpa(texts, run_dir / LM_FILE, order=LM_ORDER)
     lexicon = sorted({w for t in texts for w in t.split()})
+    report["language_model"] = {"source": lm_source, "sentences": len(texts), "words": len(lexicon),
+                                "order": LM_ORDER}
     lm_weight, word_score = tune_beam_on_dev(model, datamodule, lm_path, lexicon, beam_size, report)
     decoders = build_decoders(model.tokenizer, "both", lm_path=lm_path, lexicon=lexicon, beam_size=beam_size,
                               lm_weight=lm_weight, word_score=word_score)

@@ -48,6 +48,7 @@ def _args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def test_tiny_recipe_trains_evaluates_and_reports(corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
+    (corpus / "lm_text.txt").write_text("the cat sat on a hat\nher dog ran by night\n", encoding="utf-8")
     assert main(_args(corpus, run_dir, "--trainer.max_epochs", "2")) == 0
     for name in ("config.yaml", "best.ckpt", "last.ckpt", "report.json", "report.md", "lm.arpa"):
         assert (run_dir / name).is_file(), name
@@ -57,13 +58,15 @@ def test_tiny_recipe_trains_evaluates_and_reports(corpus, tmp_path, capsys):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["train"]["epochs"] == 2 and report["train"]["steps"] > 0
     assert report["train"]["rnn_op_seconds"] > 0 and report["train"]["audio_hours"] > 0
-    assert report["parameters"] > 0 and report["backend"] == "auto"
+    assert report["parameters"] > 0 and report["backend"].startswith("auto -> ")
     for split in ("test-clean", "test-unseen-voice"):
         for decoder in ("greedy", "beam+lm"):
             scores = report["eval"][split][decoder]
             assert scores["utterances"] == 3 and scores["reference_words"] > 0 and scores["wer"] >= 0
     assert "test-unseen-voice" in capsys.readouterr().out  # the Markdown report is printed
     assert report["decoding"]["tuned_on"] == "dev" and report["decoding"]["lm_weight"] > 0
+    assert report["language_model"]["source"].endswith("lm_text.txt") and report["language_model"]["sentences"] == 2
+    assert "HAT" in (run_dir / "lm.arpa").read_text()  # the LM text, normalised, not the transcripts
 
     config = (run_dir / "config.yaml").read_text()
     assert "rnn_hidden: 16" in config and str(corpus) in config  # the resolved config, overrides included
