@@ -344,6 +344,9 @@ class SpeechRecognizer(L.LightningModule):
             return self.stats["wall_seconds"]
         return self.stats["wall_seconds"] + time.perf_counter() - self._fit_started
 
+    def on_train_epoch_end(self) -> None:
+        self.op_timer.seconds()  # folds CUDA events into seconds: one synchronisation per epoch, not per step
+
     def on_train_end(self) -> None:
         self.stats["wall_seconds"] = self._wall_seconds()
         self._fit_started = None

@@ -162,3 +162,17 @@ def test_config_rejects_bad_values():
     config = DeepSpeechConfig(**SMALL)
     assert DeepSpeechConfig.from_dict(config.to_dict()) == config
     assert config.time_stride == 2
+
+
+@pytest.mark.parametrize("cell", ["relu", "gru"])
+def test_network_runs_under_bf16_autocast(cell):
+    """Mixed precision (Lightning's bf16-mixed): the recurrence gets one dtype, gradients stay finite."""
+    torch.manual_seed(4)
+    net = DeepSpeech(DeepSpeechConfig(**{**SMALL, "backend": "auto"}, rnn_cell=cell))
+    feats, lengths = torch.randn(2, 40, 16), torch.tensor([40, 25])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, out_lengths = net(feats, lengths)
+        loss = nn.functional.ctc_loss(logits.float().log_softmax(-1), torch.tensor([[1, 2, 3], [4, 5, 0]]),
+                                      out_lengths, torch.tensor([3, 2]), zero_infinity=True)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)

@@ -174,13 +174,15 @@ class RecurrentLayer(nn.Module):
     def _recurrence(self, u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """u (T, N, D, H) -> y (T, N, D, H) through asr.ops."""
         activation = CELL_ACTIVATION[self.cell]
+        # Under autocast the projection yields bf16/fp16 while the parameter stays fp32; the op takes one dtype.
+        w_hh = self.w_hh if self.w_hh.dtype == u.dtype else self.w_hh.to(u.dtype)
         if self.directions == 1:
             def call(u1):  # u1 (T, N, H): the one-direction form of the op
-                return recurrence(u1, self.w_hh[0], lengths=lengths, activation=activation, backend=self.backend)
+                return recurrence(u1, w_hh[0], lengths=lengths, activation=activation, backend=self.backend)
             u = u[:, :, 0]
         else:
             def call(u2):
-                return recurrence(u2, self.w_hh, lengths=lengths, activation=activation, backend=self.backend)
+                return recurrence(u2, w_hh, lengths=lengths, activation=activation, backend=self.backend)
         if self.op_timer is None:
             y, _ = call(u)
         else:
