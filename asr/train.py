@@ -518,7 +518,7 @@ def tune_beam_on_dev(model, datamodule: ASRDataModule, lm_path, lexicon: list[st
 
 
 def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size: int,
-               device: torch.device = torch.device("cpu")) -> dict:
+               device: torch.device = torch.device("cpu"), trained: SpeechRecognizer | None = None) -> dict:
     """Build the word LM from the training transcripts, evaluate the best checkpoint on every test
     split with greedy and beam+LM decoding, and write report.json + report.md."""
     from asr.evaluate import build_decoders, evaluate
@@ -529,8 +529,14 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
     best = run_dir / f"{BEST_CHECKPOINT}.ckpt"
     last = run_dir / f"{LAST_CHECKPOINT}.ckpt"
     checkpoint = best if best.is_file() else last
-    model = load_for_inference(checkpoint, map_location=device)
-    report["evaluated_checkpoint"] = str(checkpoint)
+    if checkpoint.is_file():
+        model = load_for_inference(checkpoint, map_location=device)
+        report["evaluated_checkpoint"] = str(checkpoint)
+    elif trained is not None:  # checkpointing was switched off: evaluate the weights in memory
+        model = trained.inference_model()
+        report["evaluated_checkpoint"] = None
+    else:
+        raise UserError(f"{run_dir}: no checkpoint to evaluate")
     texts, lm_source = language_model_texts(datamodule)
     lm_path = build_arpa(texts, run_dir / LM_FILE, order=LM_ORDER)
     lexicon = sorted({w for t in texts for w in t.split()})
@@ -573,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cli.trainer.is_global_zero:
         return 0
     if cli.config.get("evaluate", True):
-        report = finish_run(report, run_dir, cli.datamodule, cli.config.get("beam_size") or 50, cli.model.device)
+        report = finish_run(report, run_dir, cli.datamodule, cli.config.get("beam_size") or 50, cli.model.device,
+                            trained=cli.model)
     else:
         from asr.report import write_report
 
