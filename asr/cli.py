@@ -22,6 +22,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "summary"): ("asr.data.summary", "print utterances, hours, voices and words per manifest"),
     ("ops", "build"): ("asr.ops.build", "compile the recurrent-op extension ahead of time"),
     ("bench", "rnn"): ("asr.bench.rnn", "benchmark the recurrent op: persistent vs cuDNN vs reference"),
+    ("bench", "train"): ("asr.bench.train", "training-step speed: our network vs the same network on torch.nn.RNN"),
+    ("lm", "build"): ("asr.lm", "build a word n-gram ARPA language model (interpolated modified Kneser-Ney)"),
     ("train",): ("asr.train", "train a model from a LightningCLI recipe"),
     ("evaluate",): ("asr.evaluate", "WER/CER of a checkpoint on splits or manifests"),
     ("transcribe",): ("asr.transcribe", "transcribe audio files with a checkpoint"),

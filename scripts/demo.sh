@@ -22,8 +22,8 @@ cfg = yaml.safe_load(open(sys.argv[1]))
 print(cfg.get("trainer", {}).get("default_root_dir", "runs/demo"))
 PY
 )
-echo "== training $RECIPE into $run_dir"
+echo "== building the recurrent op (once; cached under build/ops)"
+"${ASR[@]}" ops build
+echo "== training $RECIPE into $run_dir (ends with evaluation and the report)"
 "${ASR[@]}" train --config "$RECIPE" --data.root "$CORPUS"
-echo "== report"
-"${ASR[@]}" report "$run_dir"
-echo "== make demo finished in $(( $(date +%s) - start )) s"
+echo "== make demo finished in $(( $(date +%s) - start )) s; report: $run_dir/report.md"
