@@ -33,6 +33,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from asr.data.datamodule import ASRDataModule
+from asr.data.synth import LM_TEXT_FILE  # a corpus's text-only LM corpus, beside LibriSpeech/
 from asr.errors import UserError
 from asr.model.deepspeech import DeepSpeech, DeepSpeechConfig
 from asr.model.inference import CHECKPOINT_KEY, InferenceModel, check_vocabulary, checkpoint_payload, read_checkpoint
@@ -43,7 +44,6 @@ CONFIG_FILE = "config.yaml"
 BEST_CHECKPOINT = "best"  # file stem in the run folder
 LAST_CHECKPOINT = "last"
 LM_FILE = "lm.arpa"
-LM_TEXT_FILE = "lm_text.txt"  # a corpus's text-only LM corpus, beside LibriSpeech/ (as the synth corpus writes)
 LM_ORDER = 3
 BEAM_LM_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0)  # tried on the dev split after training
 BEAM_WORD_SCORES = (-3.0, -2.0, -1.0, 0.0)
