@@ -440,9 +440,9 @@ def _backend_name(model: SpeechRecognizer) -> str:
     """The requested backend and what it resolved to, e.g. "auto -> persistent"."""
     if model.config.rnn_cell == "gru":
         return "torch.nn.GRU"
-    from asr.ops import dispatch
+    from asr.ops.dispatch import backends_used
 
-    used = sorted(set(getattr(dispatch, "_decisions", {}).values()))
+    used = backends_used()
     return f"{model.config.backend} -> {', '.join(used)}" if used else model.config.backend
 
 

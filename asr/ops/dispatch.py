@@ -92,6 +92,11 @@ def persistent_unavailable_reason(device_type: str, device_index: int | None, sh
 
 
 @torch.compiler.assume_constant_result
+def backends_used() -> list[str]:
+    """The backends that calls in this process have resolved to so far (for run reports)."""
+    return sorted(set(_decisions.values()))
+
+
 def choose_backend(requested: str, device_type: str, device_index: int | None, shape: tuple, activation: str,
                    dtype: torch.dtype) -> str:
     """The backend that runs a call: "persistent" (the extension op: the persistent kernel on
