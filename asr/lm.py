@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable
 
 from asr.errors import UserError
+from asr.fileio import atomic_write_text
 
 DEFAULT_ORDER = 3
 SENTENCE_START = "<s>"
@@ -162,11 +163,7 @@ def write_arpa(probs: list[dict[NGram, float]], backoffs: list[dict[NGram, float
                 entry += f"\t{_log10(backoffs[n - 1][ngram]):.7f}"
             lines.append(entry)
     lines += ["", "\\end\\", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, "\n".join(lines))
 
 
 def build_arpa(texts: Iterable[str], path: str | Path, order: int = DEFAULT_ORDER) -> Path:

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from asr.errors import UserError
+from asr.fileio import atomic_write_text
 
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
@@ -140,9 +141,7 @@ def write_report(run_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
     paths = (run_dir / REPORT_JSON, run_dir / REPORT_MARKDOWN)
     contents = (json.dumps(report, indent=2, default=str) + "\n", format_report(report))
     for path, content in zip(paths, contents):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(content, encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, content)
     return paths
 
 

@@ -12,7 +12,7 @@ import torch
 
 from asr.errors import UserError
 from asr.ops import build, custom_op, dispatch, recurrence
-from ops_cases import grads, loop_oracle, make_rnn, op_from_rnn, random_problem, rnn_reference
+from ops_cases import grads, make_rnn, op_from_rnn, random_problem, rnn_reference
 
 REPO = Path(__file__).resolve().parents[1]
 

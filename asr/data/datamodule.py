@@ -26,6 +26,7 @@ from asr.data.librispeech import load_split
 from asr.data.manifest import Utterance
 from asr.data.tokenizer import SentencePieceTokenizer, Tokenizer, build_tokenizer, tokenizer_from_state
 from asr.errors import AudioError, UserError
+from asr.fileio import atomic_write_bytes
 
 DURATION_BUCKET_SECONDS = 0.5  # utterances this close in length are interchangeable when shuffling
 
@@ -217,10 +218,7 @@ class ASRDataModule(L.LightningDataModule):
         if cache.exists():
             return SentencePieceTokenizer(cache.read_bytes())
         tok = build_tokenizer(kind, texts, vocab_size, model_type)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".part")
-        tmp.write_bytes(tok._proto)
-        tmp.replace(cache)
+        atomic_write_bytes(cache, tok.model_proto)
         return tok
 
     def load_tokenizer_state(self, state: dict) -> None:

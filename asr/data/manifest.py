@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from asr.errors import UserError
+from asr.fileio import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -21,13 +22,7 @@ class Utterance:
 
 def write_manifest(path: str | os.PathLike, utterances: list[Utterance]) -> None:
     """Write atomically: a reader never sees a half-written manifest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for utt in utterances:
-            f.write(json.dumps(asdict(utt), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(asdict(u), ensure_ascii=False) + "\n" for u in utterances))
 
 
 def read_manifest(path: str | os.PathLike) -> list[Utterance]:

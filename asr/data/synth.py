@@ -27,6 +27,7 @@ from pathlib import Path
 from asr.data.audio import SAMPLE_RATE, init_decode_worker, load_audio, save_flac
 from asr.data.sentences import Sentence, load_sentences
 from asr.errors import AudioError, UserError
+from asr.fileio import atomic_write_text
 from asr.progress import progress_bar
 
 CORPUS_VERSION = 2  # bump when the same options would render a different corpus
@@ -210,18 +211,12 @@ def synthesize(out: str | os.PathLike, hours: float, seed: int = 0, held_out: in
                 failures.append((job, error))
             bar.update()
     _write_transcripts(results)
-    _write_lines(out / LM_TEXT_FILE, lm_text(sentences, jobs))
+    atomic_write_text(out / LM_TEXT_FILE, "".join(line + "\n" for line in lm_text(sentences, jobs)))
     _write_metadata(out, hours, seed, held_out, results, failures)
     audio_hours = sum(s for _, s in results.values()) / 3600
     for job, error in failures:
         print(f"asr data synth: {job.utt_id}: {error}")
     return SynthSummary(len(results), len(failures), audio_hours, time.perf_counter() - started)
-
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _write_transcripts(results: dict[str, tuple[RenderJob, float]]) -> None:
@@ -253,13 +248,14 @@ def _write_metadata(out: Path, hours: float, seed: int, held_out: int, results, 
         speakers.append(f"{spk:<5}| {v.sex} | {split:<17} | {mins:6.2f}| {v.engine}:{v.name}")
     (out / "LibriSpeech").mkdir(parents=True, exist_ok=True)
     (out / "LibriSpeech" / "SPEAKERS.TXT").write_text("\n".join(speakers) + "\n", encoding="utf-8")
-    (out / "synth_corpus.json").write_text(json.dumps({
+    # Written last and atomically: its presence marks a complete corpus (see is_rendered).
+    atomic_write_text(out / "synth_corpus.json", json.dumps({
         "version": CORPUS_VERSION, "hours_requested": hours, "seed": seed,
         "held_out_voice": asdict(by_id[held_out]), "split_shares": SPLIT_SHARES,
         "voices": [asdict(v) for v in VOICES], "utterances": len(results),
         "failed": [{"id": j.utt_id, "error": e} for j, e in failures],
         "text_source": "Debian fortune databases (fortune-mod, fortunes)",
-    }, indent=2) + "\n", encoding="utf-8")
+    }, indent=2) + "\n")
 
 
 def is_rendered(out: str | os.PathLike, hours: float, seed: int, held_out: int = DEFAULT_HELD_OUT) -> bool:

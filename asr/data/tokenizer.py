@@ -100,6 +100,11 @@ class SentencePieceTokenizer:
     def vocab_size(self) -> int:
         return len(self.tokens)
 
+    @property
+    def model_proto(self) -> bytes:
+        """The serialised SentencePiece model."""
+        return self._proto
+
     def encode(self, text: str) -> list[int]:
         ids = self._sp.encode(text, out_type=int)
         if self._sp.unk_id() in ids:  # an unknown piece would not decode back to the text
