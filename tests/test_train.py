@@ -95,6 +95,15 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
+def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_save(tmp_path):
+    path = tmp_path / "last.ckpt"
+    stale = tmp_path / ".last.ckpt.tmp-999999"
+    stale.write_bytes(b"half a checkpoint from a process that was killed")
+    AtomicCheckpointIO().save_checkpoint({"step": 3}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.load(path, weights_only=True) == {"step": 3}
+
+
 def _train_subprocess(corpus: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "asr.cli", "train",
