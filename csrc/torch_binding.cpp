@@ -93,6 +93,18 @@ void check_state(const at::Tensor& state, int64_t N, int64_t D, int64_t H, const
               state.scalar_type(), " on ", state.device(), ", expected ", like.scalar_type(), " on ", like.device());
 }
 
+// The argument checks shared by the CPU and CUDA backward-data implementations.
+std::tuple<int64_t, int64_t, int64_t, int64_t> check_backward_data_args(const at::Tensor& w, const at::Tensor& y,
+                                                                        const at::Tensor& dy, const at::Tensor& dh_last,
+                                                                        const at::Tensor& lengths, const char* op) {
+  auto dims = check_problem(y, w, lengths, op);
+  auto [T, N, D, H] = dims;
+  TORCH_CHECK(dy.sizes() == y.sizes() && dy.scalar_type() == y.scalar_type(), op,
+              ": dy must match y ", y.sizes(), ", got ", dy.sizes());
+  check_state(dh_last, N, D, H, y, "dh_last", op);
+  return dims;
+}
+
 // [T, N] mask of the steps inside each sequence.
 at::Tensor valid_steps(const at::Tensor& lengths, int64_t T) {
   return at::arange(T, lengths.options()).unsqueeze(1).lt(lengths.unsqueeze(0));  // (T, N)
@@ -169,10 +181,7 @@ std::tuple<at::Tensor, at::Tensor> backward_data_cpu(const at::Tensor& w_in, con
                                                      const at::Tensor& dy_in, const at::Tensor& dh_last_in,
                                                      const at::Tensor& lengths, std::string activation_name) {
   const char* op = "recurrence_backward_data";
-  auto [T, N, D, H] = check_problem(y_in, w_in, lengths, op);
-  TORCH_CHECK(dy_in.sizes() == y_in.sizes() && dy_in.scalar_type() == y_in.scalar_type(), op,
-              ": dy must match y ", y_in.sizes(), ", got ", dy_in.sizes());
-  check_state(dh_last_in, N, D, H, y_in, "dh_last", op);
+  auto [T, N, D, H] = check_backward_data_args(w_in, y_in, dy_in, dh_last_in, lengths, op);
   const Activation activation = parse_activation(activation_name);
   const at::Tensor w = w_in.contiguous();
   const at::Tensor y = y_in.contiguous();
@@ -341,10 +350,7 @@ std::tuple<at::Tensor, at::Tensor> backward_data_cuda(const at::Tensor& w_in, co
                                                       const at::Tensor& dy_in, const at::Tensor& dh_last_in,
                                                       const at::Tensor& lengths, std::string activation_name) {
   const char* op = "recurrence_backward_data";
-  auto [T, N, D, H] = check_problem(y_in, w_in, lengths, op);
-  TORCH_CHECK(dy_in.sizes() == y_in.sizes() && dy_in.scalar_type() == y_in.scalar_type(), op,
-              ": dy must match y ", y_in.sizes(), ", got ", dy_in.sizes());
-  check_state(dh_last_in, N, D, H, y_in, "dh_last", op);
+  auto [T, N, D, H] = check_backward_data_args(w_in, y_in, dy_in, dh_last_in, lengths, op);
   const c10::cuda::CUDAGuard guard(y_in.device());
   const prnnProblem_t p = make_problem(T, N, D, H, parse_activation(activation_name), y_in.scalar_type(), op);
   const at::Tensor w = w_in.contiguous(), y = y_in.contiguous(), dy = dy_in.contiguous();

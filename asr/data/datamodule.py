@@ -80,6 +80,7 @@ class DurationBatchSampler(Sampler):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._skip = 0  # batches of the current epoch already consumed (resume mid-epoch)
+        self._cached: tuple[int, list[list[int]]] | None = None  # (epoch, batches)
         # Lightning calls set_epoch on `loader.batch_sampler.sampler`, not on the batch sampler itself.
         self.sampler = self
 
@@ -91,6 +92,12 @@ class DurationBatchSampler(Sampler):
         self._skip = consumed_batches
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch` (computed once per epoch: Lightning asks for len() often)."""
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._plan(epoch))
+        return self._cached[1]
+
+    def _plan(self, epoch: int) -> list[list[int]]:
         n = len(self.durations)
         if not self.shuffle or (self.sortagrad and epoch == 0):
             order = sorted(range(n), key=lambda i: (self.durations[i], i))
