@@ -269,6 +269,7 @@ def run_sweep(args) -> dict:
 
     ext = build.loaded()
     return dict(
+        command=" ".join(["asr", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("cli.py") else " ".join(sys.argv),
         device=name,
         device_type=device.type,
         torch=torch.__version__,
