@@ -79,6 +79,8 @@ using std::min;
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #include "prnn_kernels.cuh"
+#include "prnn_oracle.h"
+#include "prnn_expect.h"  // g_failures
 #pragma GCC diagnostic pop
 
 // ---- the test ---------------------------------------------------------------------------------
@@ -91,7 +93,6 @@ using prnn::Plan;
 constexpr size_t kThreadStackBytes = 256 * 1024;
 constexpr double kTolerance = 2e-5;  // relative to max(1, max |reference|); fp32 accumulation
 
-int g_failures = 0;
 
 struct ThreadStart {
   const Plan* plan;
@@ -147,19 +148,6 @@ void launch(const Plan& plan, const KernelArgs& args, bool backward) {
   }
   for (pthread_t& t : threads) pthread_join(t, nullptr);
   pthread_attr_destroy(&attr);
-}
-
-double act(prnnActivation_t a, double x) {
-  if (a == PRNN_ACT_TANH) return tanh(x);
-  x = x > 0 ? x : 0;
-  if (a == PRNN_ACT_CLIPPED_RELU && x > PRNN_CLIPPED_RELU_CEILING) x = PRNN_CLIPPED_RELU_CEILING;
-  return x;
-}
-
-double act_grad(prnnActivation_t a, double y) {
-  if (a == PRNN_ACT_TANH) return 1 - y * y;
-  if (a == PRNN_ACT_CLIPPED_RELU) return (y > 0 && y < PRNN_CLIPPED_RELU_CEILING) ? 1 : 0;
-  return y > 0 ? 1 : 0;
 }
 
 struct Case {

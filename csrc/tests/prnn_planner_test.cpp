@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "prnn_planner.h"
+#include "prnn_expect.h"
 
 using prnn::DeviceLimits;
 using prnn::Plan;
@@ -36,19 +37,9 @@ const NamedDevice kDevices[] = {
     {"L4", {58, 65536, 65536, 1536, 1024, 24, 100 * KiB, 99 * KiB, 1 * KiB}},
 };
 
-int g_failures = 0;
 int g_plans = 0;
 int g_refusals = 0;
 
-#define EXPECT(cond, ...)                        \
-  do {                                           \
-    if (!(cond)) {                               \
-      ++g_failures;                              \
-      printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      printf(__VA_ARGS__);                       \
-      printf("\n");                              \
-    }                                            \
-  } while (0)
 
 long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 

@@ -21,6 +21,8 @@
 #include <vector>
 
 #include "prnn.h"
+#include "prnn_expect.h"
+#include "prnn_oracle.h"
 
 namespace {
 
@@ -28,7 +30,6 @@ constexpr int kNoGpuExit = 77;
 constexpr int kBackToBackLaunches = 2000;
 constexpr int kBarrierIterations = 2000;
 
-int g_failures = 0;
 bool g_debug = false;
 
 #define CHECK_CUDA(call)                                                                     \
@@ -40,15 +41,6 @@ bool g_debug = false;
     }                                                                                        \
   } while (0)
 
-#define EXPECT(cond, ...)                          \
-  do {                                             \
-    if (!(cond)) {                                 \
-      ++g_failures;                                \
-      printf("FAIL %s:%d: ", __FILE__, __LINE__);  \
-      printf(__VA_ARGS__);                         \
-      printf("\n");                                \
-    }                                              \
-  } while (0)
 
 // ---- storage conversions (host side, round to nearest even) ------------------------------------
 uint16_t float_to_half_bits(float f) {
@@ -175,19 +167,6 @@ struct DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 };
-
-double act(prnnActivation_t a, double x) {
-  if (a == PRNN_ACT_TANH) return tanh(x);
-  x = x > 0 ? x : 0;
-  if (a == PRNN_ACT_CLIPPED_RELU && x > PRNN_CLIPPED_RELU_CEILING) x = PRNN_CLIPPED_RELU_CEILING;
-  return x;
-}
-
-double act_grad(prnnActivation_t a, double y) {
-  if (a == PRNN_ACT_TANH) return 1 - y * y;
-  if (a == PRNN_ACT_CLIPPED_RELU) return (y > 0 && y < PRNN_CLIPPED_RELU_CEILING) ? 1 : 0;
-  return y > 0 ? 1 : 0;
-}
 
 struct Case {
   int T, N, D, H;
