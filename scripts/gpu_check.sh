@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# scripts/gpu_check.sh OUTDIR - everything a lent GPU must verify about the recurrent op, in one
-# command (about 8 minutes at most on an H100):
+# scripts/gpu_check.sh OUTDIR [CORPUS] - everything a lent GPU must verify about the recurrent op and
+# the network on it, in one command (about 8 minutes on an H100):
 #   1. environment (GPU, driver, torch, nvcc)            -> OUTDIR/env.txt
 #   2. JIT build of csrc/ (CUDA variant)                 -> OUTDIR/build.log
-#   3. the op tests: `cuda`-marked ones and the quick CPU ones, against the CUDA build
+#   3. the op and network tests: `cuda`-marked ones and the quick CPU op tests, against the CUDA build
 #                                                        -> OUTDIR/pytest.log, OUTDIR/pytest.xml
 #   4. the grid-barrier microbenchmark on its own        -> OUTDIR/barrier.json
-#   5. `asr bench rnn`: the target configurations first, then the full sweep in the time left
-#                                                        -> OUTDIR/bench_targets.json, OUTDIR/bench_rnn.json (+ .png)
-#   6. a short table, printed last                       -> OUTDIR/summary.json
+#   5. `asr bench rnn`: the target configurations        -> OUTDIR/bench_targets.json
+#   6. `asr bench train` on the GPU: a training step of the Deep Speech network, persistent op vs
+#      cuDNN's RNN, fp32 and bf16 autocast               -> OUTDIR/bench_train_*.json
+#   7. with CORPUS (a rendered `asr data synth` folder): the tiny recipe trained on the GPU in
+#      bf16-mixed for a few epochs, evaluated, report   -> OUTDIR/train/report.{json,md}
+#   8. `asr bench rnn` full sweep in the time left       -> OUTDIR/bench_rnn.json (+ .png)
+#   9. a short table, printed last                       -> OUTDIR/summary.json
 # Runs from a plain copy of the repository with the machine's own python3 (torch, ninja, nvcc; the
 # package need not be installed and jiwer/soundfile need not exist): PYTHONPATH=. and `python3 -m`.
 # Exit status: 0 when the build and every test passed, 1 otherwise (the table is printed either way).
 set -u -o pipefail
 
-OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
+OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [CORPUS]}
+CORPUS=${2:-}
+[ -n "$CORPUS" ] && CORPUS=$(cd "$CORPUS" && pwd)
 PY=${PYTHON:-python3}
-BUDGET_SECONDS=${GPU_CHECK_BUDGET_SECONDS:-470}   # whole script, leaves margin under 8 minutes
+BUDGET_SECONDS=${GPU_CHECK_BUDGET_SECONDS:-480}   # whole script, leaves margin under 9 minutes
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -28,7 +34,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 START=$SECONDS
 left() { echo $(( BUDGET_SECONDS - (SECONDS - START) )); }
 stage() { echo; echo "=== [$(( SECONDS - START )) s] $*"; }
-status_build=skipped status_tests=skipped status_barrier=skipped status_bench=skipped
+status_build=skipped status_tests=skipped status_barrier=skipped status_bench=skipped status_train=skipped
 
 stage "environment"
 {
@@ -54,9 +60,10 @@ fi
 
 if [ "${status_build%%,*}" = passed ]; then
   stage "tests (cuda-marked and quick CPU op tests, against the CUDA build)"
-  test_seconds=$(( $(left) - 150 )); [ "$test_seconds" -gt 240 ] && test_seconds=240
+  test_seconds=$(( $(left) - 200 )); [ "$test_seconds" -gt 220 ] && test_seconds=220
   if timeout "$test_seconds" "$PY" -m pytest -p no:cacheprovider -q -rs -m "cuda or not slow" \
-      --junitxml="$OUT/pytest.xml" tests/test_ops_cuda.py tests/test_ops_extension.py tests/test_ops_reference.py \
+      --junitxml="$OUT/pytest.xml" tests/test_ops_cuda.py tests/test_model_cuda.py tests/test_ops_extension.py \
+      tests/test_ops_reference.py tests/test_csrc.py::test_c_program_on_gpu \
       >"$OUT/pytest.log" 2>&1; then
     status_tests=passed
   else
@@ -92,6 +99,29 @@ EOF
   fi
   tail -4 "$OUT/bench_targets.log"
 
+  stage "benchmark: Deep Speech training step on the GPU (persistent op vs cuDNN RNN)"
+  for config in "4 1152 4" "16 1152 4" "4 320 4"; do
+    set -- $config
+    for precision in fp32 bf16; do
+      name="bench_train_b$1_h$2_$precision"
+      timeout 90 "$PY" -m asr.cli bench train --device cuda --precision $precision --batch $1 --hidden $2 \
+          --layers $3 --repeats 10 --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1 || status_bench=failed
+      tail -3 "$OUT/$name.log"
+    done
+  done
+
+  if [ -n "$CORPUS" ]; then
+    stage "training: recipes/synth/tiny.yaml on the GPU, bf16-mixed, corpus $CORPUS"
+    if timeout 150 "$PY" -m asr.cli train --config recipes/synth/tiny.yaml --data.root "$CORPUS" \
+        --trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.max_epochs "${GPU_CHECK_EPOCHS:-5}" \
+        --data.num_workers 6 --trainer.default_root_dir "$OUT/train" >"$OUT/train.log" 2>&1; then
+      status_train=passed
+    else
+      status_train=failed
+    fi
+    tail -32 "$OUT/train.log"
+  fi
+
   sweep_seconds=$(( $(left) - 40 ))
   if [ "$sweep_seconds" -gt 30 ]; then
     stage "benchmark: full sweep (budget ${sweep_seconds} s)"
@@ -104,12 +134,12 @@ EOF
 fi
 
 stage "summary"
-"$PY" - "$OUT" "$status_build" "$status_tests" "$status_barrier" "$status_bench" "$(( SECONDS - START ))" <<'EOF'
+"$PY" - "$OUT" "$status_build" "$status_tests" "$status_barrier" "$status_bench" "$status_train" "$(( SECONDS - START ))" <<'EOF'
 import json, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-out, build, tests, barrier, bench, seconds = Path(sys.argv[1]), *sys.argv[2:6], int(sys.argv[6])
-summary = {"build": build, "tests": tests, "barrier": barrier, "bench": bench, "seconds": seconds}
+out, build, tests, barrier, bench, train, seconds = Path(sys.argv[1]), *sys.argv[2:7], int(sys.argv[7])
+summary = {"build": build, "tests": tests, "barrier": barrier, "bench": bench, "train": train, "seconds": seconds}
 if (out / "pytest.xml").is_file():
     suite = ET.parse(out / "pytest.xml").getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
@@ -125,9 +155,14 @@ if (out / "bench_targets.json").is_file():
         if r["backend"] == "persistent":
             targets.append(r)
 summary["targets"] = targets
+summary["train_step"] = []
+for path in sorted(out.glob("bench_train_*.json")):
+    r = json.loads(path.read_text())
+    summary["train_step"].append({k: r.get(k) for k in ("precision", "batch", "ours_step_seconds",
+                                  "torch_rnn_step_seconds", "speedup", "ours_backends")} | {"hidden": r["config"]["rnn_hidden"]})
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"device: {summary.get('device', '?')}   wall time: {seconds} s")
-print(f"build: {build}   tests: {tests} {summary.get('pytest', '')}   barrier: {barrier}   bench: {bench}")
+print(f"build: {build}   tests: {tests} {summary.get('pytest', '')}   barrier: {barrier}   bench: {bench}   train: {train}")
 for blocks, us in summary.get("barrier_us", {}).items():
     print(f"grid barrier, {blocks} blocks: {us} us")
 print(f"{'dtype':<9}{'mode':<7}{'H':>6}{'N':>4}{'us/step':>10}{'TFLOP/s':>9}{'x cuDNN':>9}   target")
@@ -139,5 +174,9 @@ for r in targets:
     speedup = r["speedup_over_cudnn"]
     print(f"{r['dtype']:<9}{r['mode']:<7}{r['hidden']:>6}{r['batch']:>4}{r['us_per_step']:>10.1f}"
           f"{r['tflops']:>9.3f}{(f'{speedup:.2f}' if speedup else '-'):>9}   {goal}")
+for r in summary["train_step"]:
+    print(f"train step {r['precision']:<5} batch {r['batch']:>3} hidden {r['hidden']:>5}: ours "
+          f"{1000 * r['ours_step_seconds']:.1f} ms ({','.join(r['ours_backends'] or [])}), cuDNN RNN "
+          f"{1000 * r['torch_rnn_step_seconds']:.1f} ms, {r['speedup']:.2f}x")
 EOF
 [ "$status_build" = passed ] && [ "$status_tests" = passed ]
