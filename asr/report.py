@@ -114,6 +114,13 @@ def format_report(report: dict) -> str:
                 f"{_int(s.get('substitutions'))} | {_int(s.get('deletions'))} | {_int(s.get('insertions'))} | "
                 f"{_int(s.get('reference_words'))} | {_int(s.get('utterances'))} | {_fmt(s.get('rtf'), '.3f')} |"
             )
+        decoding, lm = _get(report, "decoding"), _get(report, "language_model")
+        if isinstance(decoding, dict) and isinstance(lm, dict):
+            lines += ["", f"beam+lm: beam {_text(decoding.get('beam_size'))}, {_text(lm.get('order'))}-gram word LM "
+                          f"from {_text(lm.get('source'))} ({_int(lm.get('sentences'))} sentences, "
+                          f"{_int(lm.get('words'))} words); LM weight {_text(decoding.get('lm_weight'))}, word score "
+                          f"{_text(decoding.get('word_score'))}, picked on {_text(decoding.get('tuned_on'))} "
+                          f"({_int(decoding.get('tuned_on_utterances'))} utterances)"]
     return "\n".join(lines) + "\n"
 
 

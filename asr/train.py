@@ -384,6 +384,9 @@ class TrainCLI(LightningCLI):
         parser.add_argument("--evaluate", type=bool, default=True,
                             help="after training: evaluate the test splits (greedy, beam+LM) and write the report")
         parser.add_argument("--beam_size", type=int, default=50, help="beam of the beam+LM decoder in the report")
+        parser.add_argument("--tune_utterances", type=int | None, default=None,
+                            help="pick the LM weight and word score on at most this many dev utterances, "
+                                 "evenly spread over the split (default: the whole dev split)")
 
     def run_dir(self) -> Path:
         trainer_config = self.config.get("trainer", {})
@@ -500,14 +503,25 @@ def language_model_texts(datamodule: ASRDataModule) -> tuple[list[str], str]:
     return [u.text for u in datamodule.train_utterances], "training transcripts"
 
 
+def spread_subset(items: list, limit: int | None) -> list:
+    """At most `limit` of `items`, evenly spaced (deterministic); all of them when limit is None."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    if limit < 1:
+        raise UserError(f"--tune_utterances {limit}: must be at least 1")
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
 def tune_beam_on_dev(model, datamodule: ASRDataModule, lm_path, lexicon: list[str], beam_size: int,
-                     report: dict) -> tuple[float, float]:
-    """The LM weight and word score with the lowest beam+LM WER on the dev split (never a test split).
+                     report: dict, max_utterances: int | None = None) -> tuple[float, float]:
+    """The LM weight and word score with the lowest beam+LM WER on the dev split (never a test split),
+    or on `max_utterances` of it spread evenly (the tuning decodes dev once per candidate).
     The acoustic model runs once; every candidate decodes the same log-probabilities."""
     from asr.decode import BeamLMDecoder
     from asr.evaluate import evaluate
 
     dev = datamodule.test_utterances(datamodule.dev_split)
+    dev = spread_subset(sorted(dev, key=lambda u: u.id), max_utterances)
     candidates = {f"{w}/{s}": (w, s) for w in BEAM_LM_WEIGHTS for s in BEAM_WORD_SCORES}
     decoders = {name: BeamLMDecoder(model.tokenizer, lm_path, lexicon, beam_size=beam_size, lm_weight=w, word_score=s)
                 for name, (w, s) in candidates.items()}
@@ -516,12 +530,14 @@ def tune_beam_on_dev(model, datamodule: ASRDataModule, lm_path, lexicon: list[st
     best = min(wers, key=lambda name: (wers[name], name))
     report["decoding"] = {"beam_size": beam_size, "lm_order": LM_ORDER, "lm_weight": candidates[best][0],
                           "word_score": candidates[best][1], "tuned_on": datamodule.dev_split,
+                          "tuned_on_utterances": len(dev),
                           "dev_wer": wers[best], "dev_wer_by_weight/score": wers}
     return candidates[best]
 
 
 def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size: int,
-               device: torch.device = torch.device("cpu"), trained: SpeechRecognizer | None = None) -> dict:
+               device: torch.device = torch.device("cpu"), trained: SpeechRecognizer | None = None,
+               tune_utterances: int | None = None) -> dict:
     """Build the word LM from the training transcripts, evaluate the best checkpoint on every test
     split with greedy and beam+LM decoding, and write report.json + report.md."""
     from asr.evaluate import build_decoders, evaluate
@@ -545,7 +561,8 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
     lexicon = sorted({w for t in texts for w in t.split()})
     report["language_model"] = {"source": lm_source, "sentences": len(texts), "words": len(lexicon),
                                 "order": LM_ORDER}
-    lm_weight, word_score = tune_beam_on_dev(model, datamodule, lm_path, lexicon, beam_size, report)
+    lm_weight, word_score = tune_beam_on_dev(model, datamodule, lm_path, lexicon, beam_size, report,
+                                             tune_utterances)
     decoders = build_decoders(model.tokenizer, "both", lm_path=lm_path, lexicon=lexicon, beam_size=beam_size,
                               lm_weight=lm_weight, word_score=word_score)
     report["eval"] = {}
@@ -583,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cli.config.get("evaluate", True):
         report = finish_run(report, run_dir, cli.datamodule, cli.config.get("beam_size") or 50, cli.model.device,
-                            trained=cli.model)
+                            trained=cli.model, tune_utterances=cli.config.get("tune_utterances"))
     else:
         from asr.report import write_report
 

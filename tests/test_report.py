@@ -80,3 +80,13 @@ def test_command_reads_runs_and_reports_missing_ones(tmp_path, capsys):
     assert main(["report", str(tmp_path / "c")]) == 2
     assert "not a readable report" in capsys.readouterr().err
     assert read_report(tmp_path / "a" / "report.json")["run"] == "tiny"
+
+
+def test_decoding_setup_is_stated_under_the_accuracy_table():
+    report = dict(FULL, decoding={"beam_size": 50, "lm_weight": 2.0, "word_score": -1.0, "tuned_on": "dev",
+                                  "tuned_on_utterances": 200},
+                  language_model={"order": 3, "source": "data/synth/lm_text.txt", "sentences": 14551, "words": 15568})
+    md = format_report(report)
+    assert ("beam+lm: beam 50, 3-gram word LM from data/synth/lm_text.txt (14,551 sentences, 15,568 words); "
+            "LM weight 2.0, word score -1.0, picked on dev (200 utterances)") in md
+    assert "beam+lm: beam" not in format_report(FULL)

@@ -211,3 +211,15 @@ def test_vocabulary_mismatch_is_refused(corpus, tmp_path):
         load_for_inference(tmp_path / "junk.ckpt")
     with pytest.raises(UserError, match="not found"):
         load_for_inference(tmp_path / "missing.ckpt")
+
+
+def test_dev_subset_for_beam_tuning_is_even_and_deterministic():
+    from asr.train import spread_subset
+
+    items = list(range(10))
+    assert spread_subset(items, None) == items
+    assert spread_subset(items, 20) == items
+    assert spread_subset(items, 5) == [0, 2, 4, 6, 8]
+    assert spread_subset(items, 3) == [0, 3, 6]
+    with pytest.raises(UserError, match="tune_utterances"):
+        spread_subset(items, 0)
