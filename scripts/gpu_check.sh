@@ -60,7 +60,7 @@ fi
 
 if [ "${status_build%%,*}" = passed ]; then
   stage "tests (cuda-marked and quick CPU op tests, against the CUDA build)"
-  test_seconds=$(( $(left) - 200 )); [ "$test_seconds" -gt 220 ] && test_seconds=220
+  test_seconds=$(( $(left) - 200 )); [ "$test_seconds" -gt 220 ] && test_seconds=220; [ "$test_seconds" -lt 60 ] && test_seconds=60
   if timeout "$test_seconds" "$PY" -m pytest -p no:cacheprovider -q -rs -m "cuda or not slow" \
       --junitxml="$OUT/pytest.xml" tests/test_ops_cuda.py tests/test_model_cuda.py tests/test_ops_extension.py \
       tests/test_ops_reference.py tests/test_csrc.py::test_c_program_on_gpu \
