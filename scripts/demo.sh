@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ASR=(.venv/bin/python -m asr.cli)
 CORPUS=${CORPUS:-data/synth}
-HOURS=${DEMO_HOURS:-4}
+HOURS=${DEMO_HOURS:-9}
 SEED=${DEMO_SEED:-0}
 RECIPE=${RECIPE:-recipes/synth/tiny.yaml}
 
