@@ -91,12 +91,12 @@ def persistent_unavailable_reason(device_type: str, device_index: int | None, sh
     return None if supported else (reason or "the persistent kernel does not support this problem")
 
 
-@torch.compiler.assume_constant_result
 def backends_used() -> list[str]:
     """The backends that calls in this process have resolved to so far (for run reports)."""
     return sorted(set(_decisions.values()))
 
 
+@torch.compiler.assume_constant_result
 def choose_backend(requested: str, device_type: str, device_index: int | None, shape: tuple, activation: str,
                    dtype: torch.dtype) -> str:
     """The backend that runs a call: "persistent" (the extension op: the persistent kernel on
