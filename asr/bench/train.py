@@ -60,7 +60,7 @@ def torch_rnn_twin(net):
     """A copy of `net` whose relu/tanh recurrent layers run on torch.nn.RNN with the same weights."""
     twin = copy.deepcopy(net)
     twin.rnns = nn.ModuleList(TorchRNNLayer(layer) for layer in twin.rnns)
-    return twin
+    return twin.to(next(net.parameters()).device)  # the new nn.RNN modules are made on the CPU
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
