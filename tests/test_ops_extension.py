@@ -61,6 +61,22 @@ def test_cpu_op_matches_reference(extension, activation, directions, lengths, dt
         assert (results["persistent"][0][4:, 2] == 0).all() and (results["persistent"][2][4:, 2] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "persistent"])
+def test_derivative_is_zero_exactly_on_the_kinks(extension, backend):
+    """Pre-activations exactly 0 or 20 (float32 rounding lands on them in long runs) get act' = 0 in
+    every backend: the kernels see only y, where x == 0 looks like x < 0 and x == 20 like x > 20."""
+    u = torch.tensor([0.0, 20.0, 5.0, -1.0, 25.0]).view(1, 1, 1, 5)  # (T, N, D, H), W = 0, h0 = 0
+    w, h0 = torch.zeros(1, 5, 5), torch.zeros(1, 1, 5)
+    expected = {"clipped_relu": [0.0, 0.0, 1.0, 0.0, 0.0], "relu": [0.0, 1.0, 1.0, 0.0, 1.0]}
+    for activation, mask in expected.items():
+        inputs = [t.clone().requires_grad_() for t in (u, w, h0)]
+        y, h_last = recurrence(*inputs, None, activation, backend)
+        (du,) = torch.autograd.grad(y, inputs[0], torch.ones_like(y))
+        assert du.flatten().tolist() == mask, activation
+    y, _ = recurrence(u, w, h0, None, "clipped_relu", backend)
+    assert y.flatten().tolist() == [0.0, 20.0, 5.0, 0.0, 20.0]
+
+
 @pytest.mark.parametrize("backend", ["persistent", "cudnn"])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 @pytest.mark.parametrize("directions", [1, 2])

@@ -9,6 +9,12 @@ Direction 0 runs forward in time; direction 1 runs backwards *within each sequen
 so for a sequence of length L it visits t = L-1, ..., 0 and its last state is the one at t = 0.
 Outputs at t >= lengths[n] are zero; the state of a finished sequence is frozen (that is what
 torch.nn.RNN does with packed sequences).
+
+Derivatives at the kinks are zero: relu'(0) = 0 (as torch.relu and torch.nn.RNN), and clipped
+relu' is 1 only strictly inside (0, 20). The other backends read act' from the output y alone, where
+x == 0 and x < 0 (or x == 20 and x > 20) look the same; torch.clamp's own backward counts both
+bounds as inside, so a pre-activation that lands exactly on a kink (it happens in float32) would
+otherwise make the oracle and the kernels disagree on that step's gradient.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return torch.relu(x)
     if activation == "clipped_relu":
-        return torch.clamp(x, min=0.0, max=CLIP_CEILING)
+        # Forward is clamp(x) exactly; the gradient is the mask 0 < x < 20 (see the module docstring).
+        inside = ((x > 0) & (x < CLIP_CEILING)).to(x.dtype)
+        passed = x * inside
+        return passed + (torch.clamp(x, min=0.0, max=CLIP_CEILING) - passed).detach()
     if activation == "tanh":
         return torch.tanh(x)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
