@@ -61,6 +61,30 @@ def test_cpu_op_matches_reference(extension, activation, directions, lengths, dt
         assert (results["persistent"][0][4:, 2] == 0).all() and (results["persistent"][2][4:, 2] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weight_gradient_over_many_row_chunks(extension, dtype):
+    """dW is summed over T*N rows in chunks (256 rows here: 3 full chunks and a partial one): it must
+    equal the per-step sum, and in float32 stay within 2x the oracle's rounding error."""
+    T, N, D, H = 101, 8, 2, 16
+    u, w, h0 = random_problem(T, N, D, H, dtype=torch.float64, scale=2.0)
+    lengths = torch.tensor([101, 3, 57, 0, 88, 101, 1, 64])
+    g = torch.Generator().manual_seed(1)
+    dy, dh = torch.randn(T, N, D, H, generator=g, dtype=torch.float64), torch.randn(N, D, H, generator=g, dtype=torch.float64)
+    results = {}
+    for name, backend, precision in [("exact", "reference", torch.float64), ("oracle", "reference", dtype),
+                                     ("ours", "persistent", dtype)]:
+        inputs = [t.to(precision).requires_grad_() for t in (u, w, h0)]
+        y, h_last = recurrence(*inputs, lengths, "relu", backend)
+        (dw,) = torch.autograd.grad([y, h_last], inputs[1], [dy.to(precision), dh.to(precision)])
+        results[name] = dw.double()
+    if dtype == torch.float64:
+        torch.testing.assert_close(results["ours"], results["exact"], rtol=1e-12, atol=1e-12)
+    else:
+        scale = results["exact"].abs().max()
+        error = {k: ((results[k] - results["exact"]).abs().max() / scale).item() for k in ("ours", "oracle")}
+        assert error["ours"] <= 2 * error["oracle"] + 2 * torch.finfo(dtype).eps, error
+
+
 @pytest.mark.parametrize("backend", ["reference", "persistent"])
 def test_derivative_is_zero_exactly_on_the_kinks(extension, backend):
     """Pre-activations exactly 0 or 20 (float32 rounding lands on them in long runs) get act' = 0 in
