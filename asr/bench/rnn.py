@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from asr.bench import invocation
 from asr.errors import UserError
 
 HIDDEN_SIZES = (512, 1152, 1760, 2048, 2560)
@@ -269,7 +270,7 @@ def run_sweep(args) -> dict:
 
     ext = build.loaded()
     return dict(
-        command=" ".join(["asr", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("cli.py") else " ".join(sys.argv),
+        command=invocation(),
         device=name,
         device_type=device.type,
         torch=torch.__version__,

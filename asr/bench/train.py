@@ -18,12 +18,13 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from asr.bench import invocation
 
 FRAMES_PER_SECOND = 100  # feature frames per second of audio
 
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads")
     result = {
-        "command": "asr bench train " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "train"] else []),
+        "command": invocation(),
         "device": where, "threads": torch.get_num_threads(), "precision": args.precision,
         "config": config.to_dict(), "batch": args.batch, "frames": T, "max_abs_output_difference": difference,
     }
