@@ -106,6 +106,18 @@ def test_all_broken_split_is_a_user_error_that_says_why(tmp_path, write_corpus):
     assert len(manifest_path(tmp_path, SPLIT).with_suffix(".errors.txt").read_text().splitlines()) == 2
 
 
+def test_reindexing_to_nothing_removes_the_stale_manifest(tmp_path, write_corpus):
+    base = write_corpus(tmp_path, SPLIT, {"1-2-0000": (0.3, "ONE"), "1-2-0001": (0.3, "TWO")})
+    assert len(load_split(tmp_path, SPLIT)) == 2
+    for f in base.rglob("*.flac"):
+        f.write_bytes(b"garbage" * 50)
+    with pytest.raises(UserError, match="no readable utterances"):
+        prepare_split(tmp_path, SPLIT, workers=1, progress=False)
+    assert not manifest_path(tmp_path, SPLIT).exists()
+    with pytest.raises(UserError, match="no readable utterances"):  # not the old, stale list
+        load_split(tmp_path, SPLIT)
+
+
 def test_missing_split_directory(tmp_path):
     with pytest.raises(UserError, match="split directory not found"):
         index_split(tmp_path, "test-other", progress=False)

@@ -194,6 +194,9 @@ def prepare_split(root: str | os.PathLike, split: str, workers: int | None = Non
     elif errors.exists():
         errors.unlink()
     if not index.utterances:
+        # A manifest left from an earlier indexing would describe audio that is no longer readable;
+        # remove it so that nothing reads it later as if this split were fine.
+        manifest.unlink(missing_ok=True)
         first = f"; first: {index.errors[0]}; all listed in {errors}" if index.errors else ""
         raise UserError(f"{split_dir(root, split)}: no readable utterances ({len(index.errors)} errors{first})")
     write_manifest(manifest, index.utterances)
