@@ -207,3 +207,15 @@ def test_cuda_variant_builds_and_registers(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "CUDA kernels: yes" in result.stdout and "recurrence_backward_data" in result.stdout
+
+
+def test_no_cuda_runtime_notice_is_silenced():
+    """Without a GPU driver, cpp_extension logs "No CUDA runtime is found" at import; once asr.ops
+    is imported that notice no longer reaches the user's log (other cpp_extension warnings do)."""
+    code = ("import logging, asr.ops.build; from torch.utils import cpp_extension; "
+            "cpp_extension.logger.warning('No CUDA runtime is found, using CUDA_HOME=%r', 'x'); "
+            "cpp_extension.logger.warning('another cpp_extension warning')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "No CUDA runtime" not in result.stderr
+    assert "another cpp_extension warning" in result.stderr
