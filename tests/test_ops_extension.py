@@ -212,7 +212,7 @@ def test_cuda_variant_builds_and_registers(tmp_path):
 def test_no_cuda_runtime_notice_is_silenced():
     """Without a GPU driver, cpp_extension logs "No CUDA runtime is found" at import; once asr.ops
     is imported that notice no longer reaches the user's log (other cpp_extension warnings do)."""
-    code = ("import logging, asr.ops.build; from torch.utils import cpp_extension; "
+    code = ("import asr.ops.build; from torch.utils import cpp_extension; "
             "cpp_extension.logger.warning('No CUDA runtime is found, using CUDA_HOME=%r', 'x'); "
             "cpp_extension.logger.warning('another cpp_extension warning')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)

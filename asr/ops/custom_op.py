@@ -2,8 +2,9 @@
 fake (meta) implementations for torch.compile / FakeTensor, and autograd for the forward op.
 
 Backward of recurrence_forward = recurrence_backward_data (the recurrence run backwards: a
-persistent kernel on CUDA) followed by recurrence_backward_weight (dW_hh as batched GEMMs
-over all timesteps: one in fp16/bf16; in fp32/fp64 row chunks accumulated, to bound rounding). Both are ops themselves, so a compiled graph sees them.
+persistent kernel on CUDA) followed by recurrence_backward_weight (dW_hh as batched GEMMs over all
+timesteps: one in fp16/bf16; in fp32/fp64 one per chunk of rows, accumulated, to bound rounding).
+Both are ops themselves, so a compiled graph sees them.
 """
 
 from __future__ import annotations

@@ -31,9 +31,8 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
         return torch.relu(x)
     if activation == "clipped_relu":
         # Forward is clamp(x) exactly; the gradient is the mask 0 < x < 20 (see the module docstring).
-        inside = ((x > 0) & (x < CLIP_CEILING)).to(x.dtype)
-        passed = x * inside
-        return passed + (torch.clamp(x, min=0.0, max=CLIP_CEILING) - passed).detach()
+        inside = (x > 0) & (x < CLIP_CEILING)
+        return torch.where(inside, x, torch.clamp(x, min=0.0, max=CLIP_CEILING).detach())
     if activation == "tanh":
         return torch.tanh(x)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
