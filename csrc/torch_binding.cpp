@@ -238,9 +238,9 @@ std::tuple<at::Tensor, at::Tensor> backward_data_cpu(const at::Tensor& w_in, con
 
 // A GEMM may add its K terms one after another into one accumulator, so its rounding error grows
 // with sqrt(K), and K = T*N reaches tens of thousands (on an H100, one fp32 GEMM over 7,680 rows
-// gave 6.7x the error of PyTorch's per-step sum, as that would predict). In fp32/fp64 the rows are therefore taken in
-// chunks of kWeightChunkRows (or sqrt(K) if larger): one GEMM per chunk, accumulated in the
-// output, so the error grows with sqrt(chunk) + sqrt(K / chunk) instead. fp16/bf16 GEMMs already
+// gave 6.7x the error of PyTorch's per-step sum, as that would predict). In fp32/fp64 the rows
+// are therefore taken in chunks of kWeightChunkRows (or sqrt(K) if larger): one GEMM per chunk,
+// accumulated in the output, so the error grows with sqrt(chunk) + sqrt(K / chunk) instead. fp16/bf16 GEMMs already
 // accumulate in fp32 and round once at the end; chunking would round the running sum each time,
 // so they stay one GEMM.
 constexpr int64_t kWeightChunkRows = 256;
