@@ -15,7 +15,8 @@ This module estimates the model itself, the way lmplz does (Chen & Goodman 1998;
 - written as a backoff model: each n-gram stores its interpolated probability and, where it is
   a context, gamma as its backoff weight, so that an unseen hw gets gamma(h) * p(w|h').
 
-`python -m asr.lm TEXT_FILE OUT.arpa [--order 3]` builds one from a file of sentences.
+`asr lm build TEXT_FILE OUT.arpa [--order 3]` builds one from a file of sentences. It replaces an
+existing ARPA file at OUT (what it makes) and refuses to overwrite anything else.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def _log10(p: float) -> float:
 
 def write_arpa(probs: list[dict[NGram, float]], backoffs: list[dict[NGram, float]], path: str | Path) -> Path:
     path = Path(path)
+    _check_replaceable(path)
     order = len(probs)
     # <s> appears in the unigram section with probability zero and its backoff weight
     unigrams = dict(probs[0])
@@ -163,7 +165,51 @@ def write_arpa(probs: list[dict[NGram, float]], backoffs: list[dict[NGram, float
                 entry += f"\t{_log10(backoffs[n - 1][ngram]):.7f}"
             lines.append(entry)
     lines += ["", "\\end\\", ""]
-    return atomic_write_text(path, "\n".join(lines))
+    try:
+        return atomic_write_text(path, "\n".join(lines))
+    except OSError as err:
+        raise UserError(f"{path}: cannot write the language model ({err.strerror or err})") from None
+
+
+def _check_replaceable(path: Path) -> None:
+    """An ARPA file may be replaced (that is what this module makes); nothing else is overwritten."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the ARPA file to write, e.g. {path / 'lm.arpa'}")
+    if path.exists() or path.is_symlink():
+        if not _is_arpa(path):
+            raise UserError(f"{path}: exists and is not an ARPA file; not overwriting it "
+                            "(remove it or choose another output name)")
+
+
+def _is_arpa(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)  # the header is enough: ARPA files can be gigabytes
+    except OSError:
+        return False
+    return head.lstrip().startswith(b"\\data\\")
+
+
+def read_sentences(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file; UserError naming the file if it is missing, binary or not UTF-8."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a text file (it is a directory or a device)")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                        "give a text file of sentences, one per line") from None
+    if "\0" in text:  # valid UTF-8 can still be binary (zero-filled audio, say)
+        raise UserError(f"{path}: binary data (NUL bytes), not text; give a text file of sentences, one per line")
+    return text.splitlines()
 
 
 def build_arpa(texts: Iterable[str], path: str | Path, order: int = DEFAULT_ORDER) -> Path:
@@ -215,16 +261,14 @@ class ArpaModel:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", help="file with one normalised sentence per line")
-    parser.add_argument("out", help="ARPA file to write")
+    parser.add_argument("out", help="ARPA file to write (an existing ARPA file is replaced; any other file is refused)")
     parser.add_argument("--order", type=int, default=DEFAULT_ORDER, help="n-gram order (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
-    text_path = Path(args.text)
-    if not text_path.is_file():
-        raise UserError(f"{text_path}: no such file")
-    lines = text_path.read_text(encoding="utf-8").splitlines()
-    path = build_arpa(lines, args.out, order=args.order)
+    # check the output before minutes of counting, as well as when writing
+    _check_replaceable(Path(args.out))
+    path = build_arpa(read_sentences(args.text), args.out, order=args.order)
     print(path)
     return 0
 

@@ -6,6 +6,7 @@ import http.server
 import io
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from asr.cli import main
 from asr.data.librispeech import (
-    SPLITS, download_split, index_split, load_split, manifest_path, prepare_split, split_dir,
+    READ_TIMEOUT, SPLITS, download_split, index_split, load_split, manifest_path, prepare_split, split_dir,
 )
-from asr.data.manifest import read_manifest
+from asr.data.manifest import read_manifest, write_manifest
 from asr.errors import UserError
 
 SPLIT = "dev-clean"
@@ -101,7 +103,7 @@ def test_all_broken_split_is_a_user_error_that_says_why(tmp_path, write_corpus):
     base = write_corpus(tmp_path, SPLIT, {"1-2-0000": (0.3, "ONE"), "1-2-0001": (0.3, "TWO")})
     for f in base.rglob("*.flac"):
         f.write_bytes(b"garbage" * 50)
-    with pytest.raises(UserError, match=r"no readable utterances \(2 errors; first: .*1-2-0000\.flac: cannot decode"):
+    with pytest.raises(UserError, match=r"no readable utterances \(2 errors; first: .*1-2-0000\.flac: cannot decode audio: not a readable audio file"):
         prepare_split(tmp_path, SPLIT, workers=1, progress=False)
     assert len(manifest_path(tmp_path, SPLIT).with_suffix(".errors.txt").read_text().splitlines()) == 2
 
@@ -116,6 +118,64 @@ def test_reindexing_to_nothing_removes_the_stale_manifest(tmp_path, write_corpus
     assert not manifest_path(tmp_path, SPLIT).exists()
     with pytest.raises(UserError, match="no readable utterances"):  # not the old, stale list
         load_split(tmp_path, SPLIT)
+
+
+@pytest.mark.parametrize("content", [b"my own notes, not a manifest\n", b"", b'{"audio_filepath": "/a.wav", "duration": 1}\n'])
+def test_prepare_never_overwrites_a_file_it_did_not_write(tmp_path, write_corpus, content):
+    write_corpus(tmp_path, SPLIT, {"1-2-0000": (0.3, "ONE")})
+    manifest = manifest_path(tmp_path, SPLIT)
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes(content)
+    with pytest.raises(UserError) as caught:
+        prepare_split(tmp_path, SPLIT, workers=1, progress=False)
+    assert str(caught.value) == (f"{manifest}: a file that `asr data prepare` did not write is in the way of the "
+                                 "split's manifest; it is left untouched: move it elsewhere (or delete it), then run again")
+    assert manifest.read_bytes() == content
+
+
+def test_prepare_never_removes_a_foreign_manifest_of_a_broken_split(tmp_path, write_corpus):
+    base = write_corpus(tmp_path, SPLIT, {"1-2-0000": (0.3, "ONE")})
+    for f in base.rglob("*.flac"):
+        f.write_bytes(b"garbage" * 50)
+    manifest = manifest_path(tmp_path, SPLIT)
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("precious\n")
+    with pytest.raises(UserError, match="did not write"):
+        prepare_split(tmp_path, SPLIT, workers=1, progress=False)
+    assert manifest.read_text() == "precious\n"
+
+
+def test_prepare_never_overwrites_a_foreign_errors_file_or_a_directory(tmp_path, write_corpus):
+    write_corpus(tmp_path, SPLIT, {"1-2-0000": (0.3, "ONE")})
+    errors = manifest_path(tmp_path, SPLIT).with_suffix(".errors.txt")
+    errors.parent.mkdir(parents=True)
+    errors.write_text("someone's list\n")
+    with pytest.raises(UserError, match=r"errors\.txt: a file that `asr data prepare` did not write is in the way of the split's list of skipped items"):
+        prepare_split(tmp_path, SPLIT, workers=1, progress=False)
+    assert errors.read_text() == "someone's list\n"
+    errors.unlink()
+    manifest_path(tmp_path, SPLIT).mkdir()
+    with pytest.raises(UserError, match=r"\.jsonl: a directory is in the way"):
+        prepare_split(tmp_path, SPLIT, workers=1, progress=False)
+
+
+def test_prepare_replaces_its_own_files(tmp_path, write_corpus, monkeypatch):
+    """What prepare wrote (or a manifest in its format) is replaced, whatever the spelling of the root."""
+    base = write_corpus(tmp_path, SPLIT, {"1-2-0000": (0.3, "ONE"), "1-2-0001": (0.3, "TWO")})
+    (base / "1/2/1-2-0001.flac").write_bytes(b"")
+    first = prepare_split(tmp_path, SPLIT, workers=1, progress=False)
+    assert len(first.utterances) == 1 and len(first.errors) == 1
+    sf_path = base / "1/2/1-2-0001.flac"
+    sf_path.unlink()
+    os.symlink(base / "1/2/1-2-0000.flac", sf_path)  # now readable
+    monkeypatch.chdir(tmp_path)  # the same root, spelled relatively
+    second = prepare_split(".", SPLIT, workers=1, progress=False)
+    assert [u.id for u in second.utterances] == ["1-2-0000", "1-2-0001"] and second.errors == []
+    assert read_manifest(manifest_path(tmp_path, SPLIT)) == second.utterances
+    assert not manifest_path(tmp_path, SPLIT).with_suffix(".errors.txt").exists()
+    # a manifest in our format written by another command (evaluate's tests do this) is ours too
+    write_manifest(manifest_path(tmp_path, SPLIT), second.utterances[:1])
+    assert len(prepare_split(tmp_path, SPLIT, workers=1, progress=False).utterances) == 2
 
 
 def test_missing_split_directory(tmp_path):
@@ -138,10 +198,15 @@ class _ArchiveServer(http.server.ThreadingHTTPServer):
     range_requests: list[str]
     requests: list[str]
     honour_range: bool
+    # what goes wrong with each next request, one entry per request: "drop" (the connection closes
+    # halfway through the body), "reset" (halfway, with a TCP reset), "stall" (halfway, then silence)
+    failures: list[str]
+    stop_stalling: threading.Event
 
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves the server's in-memory files, honouring single `bytes=N-` ranges as a mirror does."""
+    """Serves the server's in-memory files, honouring single `bytes=N-` ranges as a mirror does,
+    and failing mid-body as the server's `failures` say."""
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         server: _ArchiveServer = self.server  # type: ignore[assignment]
@@ -168,7 +233,17 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body) - start))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
-        self.wfile.write(body[start:])
+        failure = server.failures.pop(0) if server.failures else None
+        if failure is None:
+            self.wfile.write(body[start:])
+            return
+        self.wfile.write(body[start : start + (len(body) - start) // 2])
+        self.wfile.flush()
+        if failure == "stall":
+            server.stop_stalling.wait(10)
+        elif failure == "reset":  # SO_LINGER 0: close() sends RST instead of a clean FIN
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
 
     def log_message(self, *args):
         pass
@@ -192,9 +267,11 @@ def server(archive):
     srv = _ArchiveServer(("127.0.0.1", 0), _RangeHandler)
     srv.files = {f"{SPLIT}.tar.gz": archive[0]}
     srv.range_requests, srv.requests, srv.honour_range = [], [], True
+    srv.failures, srv.stop_stalling = [], threading.Event()
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield srv, f"http://127.0.0.1:{srv.server_address[1]}/"
+    srv.stop_stalling.set()
     srv.shutdown()
     srv.server_close()
     thread.join(5)
@@ -263,6 +340,63 @@ def test_checksum_mismatch_moves_archive_aside(tmp_path, server):
     assert not (root / f"{SPLIT}.tar.gz").exists()
     assert (root / f"{SPLIT}.tar.gz.corrupt").is_file()
     assert not split_dir(root, SPLIT).exists()
+
+
+@pytest.mark.parametrize("failure", ["drop", "reset", "stall"])
+def test_interrupted_download_is_one_error_and_the_next_call_resumes(tmp_path, server, archive, failure):
+    srv, url = server
+    data, digest = archive
+    root = tmp_path / "ls"
+    part = root / f"{SPLIT}.tar.gz.part"
+    srv.failures = [failure]
+    half = len(data) // 2
+    with pytest.raises(UserError) as caught:
+        download_split(SPLIT, root, base_url=url, sha256=digest, progress=False, timeout=0.5)
+    message = str(caught.value)
+    assert message.startswith(f"{url}{SPLIT}.tar.gz: download interrupted after {half} bytes (")
+    assert message.endswith(f"{SPLIT}.tar.gz.part is kept: run the same command again to resume")
+    if failure == "stall":
+        assert "no data from the server for 0.5 s" in message
+    assert "\n" not in message
+    assert part.read_bytes() == data[:half] and not (root / f"{SPLIT}.tar.gz").exists()
+
+    split_path = download_split(SPLIT, root, base_url=url, sha256=digest, progress=False, timeout=0.5)
+    assert srv.range_requests == [f"bytes={half}-"]
+    assert (root / f"{SPLIT}.tar.gz").read_bytes() == data and not part.exists()
+    _check_extracted(root, split_path)
+
+
+def test_interrupted_download_through_the_cli_is_one_line(tmp_path, server, capsys):
+    srv, url = server
+    srv.failures = ["drop"]
+    root = tmp_path / "ls"
+    rc = main(["data", "prepare", "librispeech", "--root", str(root), "--download", SPLIT, "--mirror", url])
+    err = capsys.readouterr().err  # the progress bar, then the error
+    assert rc == 2
+    assert err.endswith("\n") and err.count("error:") == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"asr data prepare librispeech: error: {url}{SPLIT}.tar.gz: download interrupted after ")
+    assert (root / f"{SPLIT}.tar.gz.part").stat().st_size > 0
+
+
+def test_default_read_timeout():
+    assert READ_TIMEOUT == 60.0
+
+
+def test_wrong_bytes_then_a_fresh_download(tmp_path, server, archive):
+    """A mismatch is one line; the next call downloads the whole archive again, not a resume."""
+    srv, url = server
+    data, digest = archive
+    srv.files[f"{SPLIT}.tar.gz"] = bytes(reversed(data))
+    root = tmp_path / "ls"
+    with pytest.raises(UserError) as caught:
+        download_split(SPLIT, root, base_url=url, sha256=digest, progress=False)
+    message = str(caught.value)
+    assert message == (f"{root / SPLIT}.tar.gz: checksum mismatch (sha256 {hashlib.sha256(bytes(reversed(data))).hexdigest()}, "
+                       f"expected {digest}); moved to {SPLIT}.tar.gz.corrupt")
+    srv.files[f"{SPLIT}.tar.gz"] = data
+    split_path = download_split(SPLIT, root, base_url=url, sha256=digest, progress=False)
+    assert srv.range_requests == [] and len(srv.requests) == 2
+    _check_extracted(root, split_path)
 
 
 def test_published_checksum_is_used_by_default(tmp_path, server):

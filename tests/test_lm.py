@@ -119,3 +119,81 @@ def test_no_text_is_a_user_error(tmp_path):
         build_arpa(["", "   "], tmp_path / "lm.arpa")
     with pytest.raises(UserError, match="order"):
         build_arpa(["A B"], tmp_path / "lm.arpa", order=0)
+
+
+# --- the command: bad input is one line naming the file, and nothing but an ARPA file is overwritten
+
+def _lm_build(capsys, *argv) -> tuple[int, str]:
+    from asr.cli import main
+
+    rc = main(["lm", "build", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def _assert_one_error_line(err: str, *words: str) -> None:
+    assert err.startswith("asr lm build: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_cli_builds_a_loadable_model(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    out = tmp_path / "lm.arpa"
+    assert _lm_build(capsys, text, out)[0] == 0
+    assert ArpaModel(out).order == 3
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 16, b"RIFF\x24\x00\x00\x00WAVE" + b"\x00" * 64],
+                         ids=["random bytes", "zero-filled wav"])
+def test_cli_binary_input_is_one_line_naming_the_file(tmp_path, capsys, content):
+    path = tmp_path / "random.wav"
+    path.write_bytes(content)
+    rc, err = _lm_build(capsys, path, tmp_path / "o.arpa")
+    assert rc == 2
+    _assert_one_error_line(err, str(path), "not UTF-8 text" if b"\xff" in content else "binary data")
+    assert not (tmp_path / "o.arpa").exists()
+
+
+def test_cli_missing_input_and_directory_input(tmp_path, capsys):
+    rc, err = _lm_build(capsys, tmp_path / "nope.txt", tmp_path / "o.arpa")
+    assert rc == 2
+    _assert_one_error_line(err, f"{tmp_path / 'nope.txt'}: no such file")
+    rc, err = _lm_build(capsys, tmp_path, tmp_path / "o.arpa")
+    assert rc == 2
+    _assert_one_error_line(err, f"{tmp_path}: not a text file")
+
+
+def test_cli_output_directory_is_one_line(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("HELLO WORLD\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, err = _lm_build(capsys, text, out)
+    assert rc == 2
+    _assert_one_error_line(err, f"{out}: is a directory")
+    assert list(out.iterdir()) == []
+
+
+def test_cli_refuses_to_overwrite_a_file_that_is_not_arpa(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("HELLO WORLD\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    rc, err = _lm_build(capsys, text, notes)
+    assert rc == 2
+    _assert_one_error_line(err, f"{notes}: exists and is not an ARPA file; not overwriting it")
+    assert notes.read_text() == "my notes\n"
+    with pytest.raises(UserError, match="not an ARPA file"):  # the library refuses too, not only the command
+        build_arpa(TEXTS, notes)
+    assert notes.read_text() == "my notes\n"
+
+
+def test_cli_replaces_an_existing_arpa_file(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    out = tmp_path / "lm.arpa"
+    text.write_text("HELLO WORLD\n")
+    assert _lm_build(capsys, text, out)[0] == 0
+    text.write_text("\n".join(TEXTS) + "\n")
+    assert _lm_build(capsys, text, out)[0] == 0
+    assert "CAT" in ArpaModel(out).vocabulary

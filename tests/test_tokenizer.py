@@ -1,5 +1,6 @@
 """Character and SentencePiece tokenizers: exact round trip, blank 0, saved state."""
 
+import base64
 import json
 import pickle
 import random
@@ -125,3 +126,31 @@ def test_training_is_deterministic():
     b = SentencePieceTokenizer.train(TRAIN_TEXTS, 60, "unigram")
     assert a.tokens == b.tokens  # (the model bytes differ: they record the temporary training file's path)
     assert [a.encode(t) for t in TRAIN_TEXTS + UNSEEN] == [b.encode(t) for t in TRAIN_TEXTS + UNSEEN]
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 8, b"\n\x05hello"], ids=["0 bytes", "random bytes", "truncated"])
+def test_corrupt_model_file_is_a_user_error_naming_it(tmp_path, content):
+    path = tmp_path / "tokenizers" / "unigram-60.model"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    with pytest.raises(UserError) as caught:
+        SentencePieceTokenizer.from_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not a SentencePiece model (") and "\n" not in message
+
+
+def test_model_file_round_trip_and_missing_file(tmp_path, sp):
+    path = tmp_path / "sp.model"
+    path.write_bytes(sp.model_proto)
+    assert SentencePieceTokenizer.from_file(path).tokens == sp.tokens
+    with pytest.raises(UserError, match=f"{tmp_path / 'nope.model'}: cannot read SentencePiece model"):
+        SentencePieceTokenizer.from_file(tmp_path / "nope.model")
+
+
+@pytest.mark.parametrize("model", ["!!not base64!!", base64.b64encode(b"garbage" * 10).decode(), None])
+def test_corrupt_saved_state_is_a_user_error(model):
+    state = {"type": "sentencepiece", "tokens": [BLANK]}
+    if model is not None:
+        state["model"] = model
+    with pytest.raises(UserError, match="^saved tokenizer state: "):
+        tokenizer_from_state(state)

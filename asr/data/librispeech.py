@@ -7,11 +7,16 @@
 checksum-verified) and writes one JSON-lines manifest per split to <root>/manifests/<split>.jsonl.
 Every audio file is decoded once while indexing; a broken file, an audio file without a transcript
 line and a transcript line without audio are each reported, skipped and counted.
+
+It replaces or removes only files it made: a manifest that reads as one (asr.data.manifest's format)
+and an errors list whose every line names a path in the split's directory. Anything else at those
+paths is refused, never overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tarfile
 import time
@@ -25,6 +30,7 @@ from asr.data.audio import SAMPLE_RATE, init_decode_worker, load_audio
 from asr.data.manifest import Utterance, read_manifest, write_manifest
 from asr.data.text import normalize_text
 from asr.errors import AudioError, UserError
+from asr.fileio import atomic_write_text
 from asr.progress import progress_bar
 
 OPENSLR_URL = "https://www.openslr.org/resources/12/"
@@ -40,6 +46,7 @@ SPLIT_SHA256 = {
 }
 SPLITS = tuple(SPLIT_SHA256)
 DOWNLOAD_CHUNK = 1 << 20  # bytes
+READ_TIMEOUT = 60.0  # s without a byte from the server before a download counts as stalled
 AUDIO_EXTENSIONS = (".flac", ".wav")
 
 
@@ -53,8 +60,13 @@ class SplitIndex:
 # --- download -----------------------------------------------------------------------------------
 
 def download_split(split: str, root: str | os.PathLike, base_url: str = OPENSLR_URL,
-                   sha256: str | None = None, progress: bool = True) -> Path:
-    """Fetch <split>.tar.gz into <root>, resuming a partial download, verify it, and extract it."""
+                   sha256: str | None = None, progress: bool = True, timeout: float = READ_TIMEOUT) -> Path:
+    """Fetch <split>.tar.gz into <root>, resuming a partial download, verify it, and extract it.
+
+    An interrupted or stalled (`timeout` seconds without data) download keeps <split>.tar.gz.part,
+    which the next call resumes; an archive with the wrong checksum is moved aside, so the next
+    call downloads afresh.
+    """
     if split not in SPLIT_SHA256 and sha256 is None:
         raise UserError(f"--download {split}: unknown LibriSpeech split (one of {', '.join(SPLITS)})")
     expected = sha256 or SPLIT_SHA256[split]
@@ -62,7 +74,7 @@ def download_split(split: str, root: str | os.PathLike, base_url: str = OPENSLR_
     root.mkdir(parents=True, exist_ok=True)
     archive = root / f"{split}.tar.gz"
     if not (archive.exists() and _sha256(archive) == expected):
-        _fetch_resumable(base_url.rstrip("/") + f"/{split}.tar.gz", archive, progress)
+        _fetch_resumable(base_url.rstrip("/") + f"/{split}.tar.gz", archive, progress, timeout)
         actual = _sha256(archive)
         if actual != expected:
             bad = archive.with_name(archive.name + ".corrupt")
@@ -72,31 +84,55 @@ def download_split(split: str, root: str | os.PathLike, base_url: str = OPENSLR_
     return root / "LibriSpeech" / split
 
 
-def _fetch_resumable(url: str, dest: Path, progress: bool) -> None:
+def _fetch_resumable(url: str, dest: Path, progress: bool, timeout: float) -> None:
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(request, timeout=60)
+        response = urllib.request.urlopen(request, timeout=timeout)  # the timeout bounds every read too
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:  # range past the end: the part file is already complete
             os.replace(part, dest)
             return
         raise UserError(f"{url}: download failed (HTTP {err.code} {err.reason})") from None
     except (urllib.error.URLError, OSError) as err:
-        raise UserError(f"{url}: download failed ({getattr(err, 'reason', err)})") from None
+        reason = getattr(err, "reason", err)
+        resume = f"; run the same command again to resume from the {have} bytes in {part.name}" if have else ""
+        raise UserError(f"{url}: download failed ({_timeout_reason(reason, timeout)}){resume}") from None
     with response:
         resumed = response.status == 206
-        total = response.headers.get("Content-Length")
-        total = int(total) + (have if resumed else 0) if total else None
-        with open(part, "ab" if resumed else "wb") as f, progress_bar(
-            total=total, initial=have if resumed else 0, unit="B", unit_scale=True,
-            desc=dest.name, enabled=progress,
-        ) as bar:
-            while chunk := response.read(DOWNLOAD_CHUNK):
-                f.write(chunk)
-                bar.update(len(chunk))
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length else None  # bytes of this response, not of the whole file
+        received = 0
+        try:
+            with open(part, "ab" if resumed else "wb") as f, progress_bar(
+                total=None if expected is None else expected + (have if resumed else 0),
+                initial=have if resumed else 0, unit="B", unit_scale=True, desc=dest.name, enabled=progress,
+            ) as bar:
+                # read1: what has arrived, so a stall loses nothing already received (read waits for a full chunk)
+                while chunk := response.read1(DOWNLOAD_CHUNK):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        except (http.client.HTTPException, OSError) as err:  # connection reset, read timeout, short body
+            raise _interrupted(url, part, _timeout_reason(err, timeout)) from None
+        # http.client ends a body that stops short of Content-Length as if it were complete
+        if expected is not None and received < expected:
+            raise _interrupted(url, part, f"the server closed the connection {expected - received} bytes early")
     os.replace(part, dest)
+
+
+def _timeout_reason(err, timeout: float) -> str:
+    if isinstance(err, TimeoutError):
+        return f"no data from the server for {timeout:g} s"
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _interrupted(url: str, part: Path, reason: str) -> UserError:
+    size = part.stat().st_size if part.exists() else 0
+    return UserError(f"{url}: download interrupted after {size} bytes ({reason}); "
+                     f"{part.name} is kept: run the same command again to resume")
 
 
 def _sha256(path: Path) -> str:
@@ -159,7 +195,7 @@ def index_split(root: str | os.PathLike, split: str, workers: int | None = None,
                     transcripts[utt_id] = (normalized, speaker_dir.name)
             for f in sorted(chapter_dir.iterdir()):
                 if f.suffix.lower() in AUDIO_EXTENSIONS:
-                    audio[f.stem] = f.resolve()
+                    audio[f.stem] = f.absolute()  # not resolve(): the errors list names paths inside the split
     for utt_id in sorted(set(transcripts) - set(audio)):
         index.errors.append(f"{base}: transcript line {utt_id} has no audio file")
     paired = sorted(set(audio) & set(transcripts))
@@ -185,12 +221,14 @@ def index_split(root: str | os.PathLike, split: str, workers: int | None = None,
 
 def prepare_split(root: str | os.PathLike, split: str, workers: int | None = None, progress: bool = True) -> SplitIndex:
     """Index a split and write its manifest (and an .errors.txt listing every skipped item)."""
-    index = index_split(root, split, workers, progress)
     manifest = manifest_path(root, split)
     errors = manifest.with_suffix(".errors.txt")
+    # before indexing, which can take minutes: refuse rather than replace what someone else put there
+    _refuse_foreign_file(manifest, "manifest", _is_our_manifest)
+    _refuse_foreign_file(errors, "list of skipped items", lambda path: _is_our_errors_list(path, split_dir(root, split)))
+    index = index_split(root, split, workers, progress)
     if index.errors:
-        errors.parent.mkdir(parents=True, exist_ok=True)
-        errors.write_text("\n".join(index.errors) + "\n", encoding="utf-8")
+        atomic_write_text(errors, "\n".join(index.errors) + "\n")
     elif errors.exists():
         errors.unlink()
     if not index.utterances:
@@ -201,6 +239,37 @@ def prepare_split(root: str | os.PathLike, split: str, workers: int | None = Non
         raise UserError(f"{split_dir(root, split)}: no readable utterances ({len(index.errors)} errors{first})")
     write_manifest(manifest, index.utterances)
     return index
+
+
+def _refuse_foreign_file(path: Path, role: str, is_ours) -> None:
+    """UserError unless `path` is free or holds what prepare_split writes there (`role`)."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    what = "a directory" if path.is_dir() else "a symbolic link" if path.is_symlink() else None
+    if what is None and is_ours(path):
+        return
+    what = what or "a file that `asr data prepare` did not write"
+    raise UserError(f"{path}: {what} is in the way of the split's {role}; it is left untouched: "
+                    "move it elsewhere (or delete it), then run again")
+
+
+def _is_our_manifest(path: Path) -> bool:
+    try:
+        read_manifest(path)
+    except UserError:
+        return False
+    return True
+
+
+def _is_our_errors_list(path: Path, base: Path) -> bool:
+    """Every line that index_split writes starts with a path in the split's directory; the root may
+    have been spelled relatively or absolutely then."""
+    prefixes = tuple({str(p) for p in (base, base.absolute(), base.resolve())})
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(lines) and all(line.startswith(prefixes) for line in lines)
 
 
 def prepare_splits(root, splits, workers=None, progress=True) -> dict[str, list[Utterance]]:
@@ -230,6 +299,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--splits", default="", help="comma-separated splits to index (default: every split present)")
     parser.add_argument("--mirror", default=OPENSLR_URL, help="base URL of the archives")
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    parser.add_argument("--timeout", type=float, default=READ_TIMEOUT,
+                        help="seconds without data before a download counts as stalled (default %(default)g); "
+                             "an interrupted download resumes when the command is run again")
 
 
 def _split_list(text: str) -> list[str]:
@@ -237,8 +309,10 @@ def _split_list(text: str) -> list[str]:
 
 
 def run(args) -> int:
+    if not args.timeout > 0:
+        raise UserError(f"--timeout {args.timeout}: must be a positive number of seconds")
     for split in _split_list(args.download):
-        download_split(split, args.root, args.mirror)
+        download_split(split, args.root, args.mirror, timeout=args.timeout)
     splits = _split_list(args.splits) or _split_list(args.download)
     if not splits:
         base = Path(args.root) / "LibriSpeech"

@@ -40,8 +40,23 @@ def run(args) -> int:
 
     paths = [Path(m) for m in args.manifests]
     if args.root:
-        paths += sorted((Path(args.root) / "manifests").glob("*.jsonl"))
+        paths += _root_manifests(Path(args.root))
     if not paths:
         raise UserError("give manifest files or --root")
     print_summary({p.stem: read_manifest(p) for p in paths})
     return 0
+
+
+def _root_manifests(root) -> list:
+    """<root>/manifests/*.jsonl, or a UserError saying which of root, manifests/ or the files is missing."""
+    from asr.errors import UserError
+
+    if not root.is_dir():
+        raise UserError(f"--root {root}: {'not a directory' if root.exists() else 'no such directory'}")
+    manifests = root / "manifests"
+    if not manifests.is_dir():
+        raise UserError(f"--root {root}: has no manifests/ directory (make them with `asr data prepare librispeech --root {root}`)")
+    paths = sorted(manifests.glob("*.jsonl"))
+    if not paths:
+        raise UserError(f"--root {root}: {manifests} holds no *.jsonl manifests")
+    return paths

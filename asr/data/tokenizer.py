@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+from pathlib import Path
 from typing import Protocol
 
 from asr.data.text import ALPHABET
@@ -65,12 +66,29 @@ class SentencePieceTokenizer:
     blank_id = 0
     word_delimiter = None
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, source: str = "SentencePiece model"):
+        """`source` names where the bytes came from (a file, a checkpoint) in the error a corrupt model gives."""
         import sentencepiece as spm
 
+        if not model_proto:  # sentencepiece accepts it and yields a model with no pieces
+            raise UserError(f"{source}: not a SentencePiece model (0 bytes)")
         self._proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except (RuntimeError, TypeError, ValueError):  # the C++ parser's message names only its own source line
+            raise UserError(f"{source}: not a SentencePiece model (its {len(model_proto)} bytes do not parse as one)") from None
+        if self._sp.get_piece_size() == 0:
+            raise UserError(f"{source}: not a SentencePiece model (it has no pieces)")
         self.tokens = [BLANK] + [self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())]
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
+        """Load a serialised model; UserError naming the file if it cannot be read or is not a model."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise UserError(f"{path}: cannot read SentencePiece model ({err.strerror or err})") from None
+        return cls(data, source=str(path))
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int, model_type: str = "unigram") -> "SentencePieceTokenizer":
@@ -128,7 +146,11 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
     if kind == "char":
         tok = CharTokenizer()
     elif kind == "sentencepiece":
-        tok = SentencePieceTokenizer(base64.b64decode(state["model"]))
+        try:
+            proto = base64.b64decode(state["model"], validate=True)
+        except (KeyError, TypeError, ValueError):  # binascii.Error is a ValueError
+            raise UserError("saved tokenizer state: its SentencePiece model is missing or not base64") from None
+        tok = SentencePieceTokenizer(proto, source="saved tokenizer state")
     else:
         raise UserError(f"unknown tokenizer type {kind!r} in saved state")
     if "tokens" in state and list(state["tokens"]) != tok.tokens:
