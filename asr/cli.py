@@ -13,7 +13,14 @@ import argparse
 import importlib
 import sys
 
-from asr.errors import UserError
+from asr.errors import UserError, printable
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {printable(message)} (`{self.prog} --help` shows the usage)\n")
 
 # command path -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -31,14 +38,25 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    width = max(len(" ".join(path)) for path in COMMANDS)
-    lines = ["usage: asr COMMAND [ARGS...]", "", "commands:"]
-    for path, (_, help_text) in COMMANDS.items():
-        lines.append(f"  {' '.join(path):<{width}}  {help_text}")
+def _usage(group: tuple[str, ...] = ()) -> str:
+    """The commands under `group` (all of them for the empty group)."""
+    paths = [path for path in COMMANDS if path[: len(group)] == group]
+    width = max(len(" ".join(path)) for path in paths)
+    lines = [f"usage: asr {' '.join(group + ('COMMAND',))} [ARGS...]", "", "commands:"]
+    for path in paths:
+        lines.append(f"  {' '.join(path):<{width}}  {COMMANDS[path][1]}")
     lines.append("")
     lines.append("Run `asr COMMAND --help` for a command's arguments.")
     return "\n".join(lines)
+
+
+def _group(argv: list[str]) -> tuple[str, ...]:
+    """The longest prefix of argv that is a group of commands (e.g. ("data",) or ("data", "prepare"))."""
+    for n in range(min(2, len(argv)), 0, -1):
+        prefix = tuple(argv[:n])
+        if any(path[:n] == prefix and len(path) > n for path in COMMANDS):
+            return prefix
+    return ()
 
 
 def _resolve(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
@@ -62,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     resolved = _resolve(argv)
     if resolved is None:
-        print(f"asr: unknown command {' '.join(argv[:3])!r}\n\n{_usage()}", file=sys.stderr)
+        group = _group(argv)
+        rest = argv[len(group):]
+        if group and (not rest or rest[0] in ("-h", "--help", "help")):
+            asked = bool(rest)  # `asr data --help` asks; a bare `asr data` lacks its command
+            print(_usage(group), file=sys.stdout if asked else sys.stderr)
+            return 0 if asked else 2
+        print(f"asr: unknown command {' '.join(argv[:3])!r}\n\n{_usage(group)}", file=sys.stderr)
         return 2
     path, rest = resolved
     module_name, help_text = COMMANDS[path]
@@ -71,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         if hasattr(module, "main"):
             return int(module.main(rest) or 0)
-        parser = argparse.ArgumentParser(prog=prog, description=help_text)
+        parser = _OneLineParser(prog=prog, description=help_text)
         module.add_arguments(parser)
         args = parser.parse_args(rest)
         return int(module.run(args) or 0)
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {printable(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

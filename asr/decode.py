@@ -26,7 +26,7 @@ from typing import Iterable, Protocol, Sequence
 import torch
 
 from asr.data.tokenizer import Tokenizer
-from asr.errors import UserError
+from asr.errors import UserError, check_range
 
 BLANK_ID = 0
 BLANK_TOKEN = "<blank>"
@@ -205,6 +205,12 @@ class BeamLMDecoder:
     ):
         from torchaudio.models.decoder import ctc_decoder  # imported here: flashlight is heavy
 
+        check_range("beam_size", beam_size, low=1)  # 0 would return an empty text for every input
+        check_range("lm_weight", lm_weight)
+        check_range("word_score", word_score)
+        if beam_size_token is not None:
+            check_range("beam_size_token", beam_size_token, low=1)
+        check_range("beam_threshold", beam_threshold, low=0.0, low_open=True)
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer.tokens)
         self.options = dict(

@@ -32,7 +32,7 @@ from asr.decode import (
     Hypothesis,
     lexicon_words,
 )
-from asr.errors import AudioError, UserError
+from asr.errors import AudioError, UserError, check_range
 
 DEFAULT_MAX_BATCH_SECONDS = 120.0  # padded audio per acoustic-model batch
 DEFAULT_WORST = 10  # utterances listed per decoder, most word errors first
@@ -498,9 +498,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="more LM text (one sentence per line, normalised here) beside the training transcripts; "
                              "it must share no sentence with the evaluated splits")
     parser.add_argument("--lm-order", type=int, default=3, help="order of the LM built when --lm is not given (default %(default)s)")
-    parser.add_argument("--beam-size", type=int, default=DEFAULT_BEAM_SIZE, help="default %(default)s")
-    parser.add_argument("--lm-weight", type=float, default=DEFAULT_LM_WEIGHT, help="default %(default)s")
-    parser.add_argument("--word-score", type=float, default=DEFAULT_WORD_SCORE, help="default %(default)s")
+    parser.add_argument("--beam-size", type=int, default=None, help=f"default {DEFAULT_BEAM_SIZE}")
+    parser.add_argument("--lm-weight", type=float, default=None, help=f"default {DEFAULT_LM_WEIGHT}")
+    parser.add_argument("--word-score", type=float, default=None, help=f"default {DEFAULT_WORD_SCORE}")
     parser.add_argument("--max-batch-seconds", type=float, default=DEFAULT_MAX_BATCH_SECONDS, help="default %(default)s")
     parser.add_argument("--worst", type=int, default=DEFAULT_WORST, help="worst utterances kept per decoder (default %(default)s)")
     parser.add_argument("--tune-on", default=None, metavar="SPLIT", help="tune --lm-weight and --word-score on this split under --root first (a dev split)")
@@ -513,13 +513,28 @@ def run(args: argparse.Namespace) -> int:
     from asr.data.manifest import read_manifest
     from asr.model.inference import load_for_inference
 
+    from asr.transcribe import check_decoder_options
+
     if not args.split and not args.manifest:
         raise UserError("give at least one --split NAME or --manifest FILE")
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: checkpoint not found")
+    beam = args.decoder in ("beam", "both")
+    check_decoder_options(args, beam)
+    if not beam and (args.lm_text is not None or args.tune_on is not None):
+        raise UserError(f"{'--lm-text' if args.lm_text is not None else '--tune-on'}: only used by the beam decoder; "
+                        "add --decoder beam or both")
+    check_range("--max-batch-seconds", args.max_batch_seconds, low=0.0, low_open=True)
+    check_range("--worst", args.worst, low=0)
+    check_range("--lm-order", args.lm_order, low=1)
     if args.lm is not None and not Path(args.lm).is_file():
         raise UserError(f"{args.lm}: language model file not found")
+    out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
+    for path in (out_dir, out_dir / RESULT_JSON, out_dir / RESULT_MARKDOWN):
+        if path.exists() and path.is_dir() != (path == out_dir):  # checked now, not after the evaluation
+            raise UserError(f"--out {out_dir}: {path} exists and is {'not ' if path == out_dir else ''}a folder; "
+                            "choose another --out")
     # read every input first, so a bad manifest fails before minutes of decoding
     splits: dict[str, list] = {}
     for split in args.split:
@@ -529,7 +544,6 @@ def run(args: argparse.Namespace) -> int:
     tune_on = load_split(args.root, args.tune_on) if args.tune_on else None
 
     model = load_for_inference(str(checkpoint), map_location=args.device)
-    beam = args.decoder in ("beam", "both")
     lm_path, lm_texts = args.lm, None
     if beam and lm_path is None:
         # an LM built from the run's training transcripts (plus --lm-text), else the one training
@@ -541,7 +555,6 @@ def run(args: argparse.Namespace) -> int:
             lm_path = run_language_model(checkpoint)
         if lm_path is None and not lm_texts:
             raise UserError("the beam decoder needs a language model: give --lm or --lm-text, or a checkpoint whose run records its training splits")
-    out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
     payload = evaluate_splits(
         model, splits, lm_texts, out_dir, decoder=args.decoder, lm_path=lm_path, lm_order=args.lm_order, tune_on=tune_on,
         beam_size=args.beam_size, lm_weight=args.lm_weight, word_score=args.word_score,

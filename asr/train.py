@@ -15,9 +15,13 @@ folder's last.ckpt exactly where it stopped, mid-epoch included: the batch order
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from datetime import datetime, timezone
@@ -28,13 +32,16 @@ import pytorch_lightning as L
 import torch
 import torch.nn.functional as F
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from asr.data.datamodule import ASRDataModule
 from asr.data.synth import LM_TEXT_FILE  # a corpus's text-only LM corpus, beside LibriSpeech/
-from asr.errors import UserError
+from asr.errors import UserError, check_range
+from asr.fileio import atomic_write_text
 from asr.model.deepspeech import DeepSpeech, DeepSpeechConfig
 from asr.model.inference import CHECKPOINT_KEY, InferenceModel, check_vocabulary, checkpoint_payload, read_checkpoint
 from asr.model.timing import OpTimer
@@ -50,16 +57,30 @@ BEAM_WORD_SCORES = (-3.0, -2.0, -1.0, 0.0)
 REPORTED_SCORES = ("wer", "cer", "substitutions", "deletions", "insertions", "reference_words", "rtf")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")  # decay after warmup
+LOCK_FILE = ".lock"  # held (flock) by the `asr train` writing the run folder; released when it exits
+DEFAULT_CHECKPOINT_MINUTES = 5.0  # last.ckpt at least this often, whatever the step count
+CSV_FLUSH_EVERY_N_STEPS = 10  # metrics.csv rows reach the disk this often (a kill loses at most these)
+# What a run leaves in its folder: a new run refuses a folder that holds any of them.
+RUN_ARTEFACTS = (CONFIG_FILE, f"{BEST_CHECKPOINT}.ckpt", f"{LAST_CHECKPOINT}.ckpt", "report.json", "report.md",
+                 LM_FILE, "csv", "tensorboard")
+# Signals that stop training at the next optimizer step with a checkpoint: what timeout, systemd,
+# docker and SLURM send (SIGTERM; SLURM's --signal=USR1@secs warning), and Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 # --- checkpoints and data order --------------------------------------------------------------------
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, file-size limit, permissions)."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temporary file beside the target, fsync, then os.replace: all or nothing.
 
     (Lightning's own save goes through a temporary file under /tmp and a move, which is a copy,
-    not an atomic rename, when /tmp is another filesystem.)
+    not an atomic rename, when /tmp is another filesystem.) A failed write leaves the previous
+    checkpoint as it was and stops training with one line that says so.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -75,9 +96,175 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+            kept = "the previous checkpoint is intact" if path.exists() else "there was no previous checkpoint"
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointWriteError(f"{path}: cannot write the checkpoint ({reason}); {kept}; free disk space "
+                                       "and resume with --ckpt_path last") from None
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+class TrainingStopped(Exception):
+    """Raised out of fit() after a stop signal's checkpoint is written (caught by main)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+
+
+class TrainingControl(Callback):
+    """Writes last.ckpt every `every_n_steps` optimizer steps and every `every_minutes` of training,
+    and on SIGTERM, SIGUSR1 or Ctrl-C writes it at the next optimizer step and stops training.
+
+    Checkpoints are written only right after an optimizer step (never inside a gradient-accumulation
+    window, whose partial gradients a checkpoint does not hold), so resuming from any of them gives
+    bitwise the weights of an uninterrupted run. Under DDP the ranks agree on every decision (one
+    small all-reduce per step) because saving is collective. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, path: Path, every_n_steps: int, every_minutes: float):
+        self.path = Path(path)
+        self.every_n_steps = every_n_steps
+        self.every_seconds = every_minutes * 60.0
+        self.signum: int | None = None  # the stop signal received, if any
+        self._handlers: dict[int, Any] = {}
+        self._last_save = time.monotonic()
+        self._step_seen = 0
+        self._trainer = None
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # pressed twice: the user wants out now
+        first = self.signum is None
+        self.signum = signum
+        launcher = getattr(self._trainer.strategy, "launcher", None) if self._trainer else None
+        if first and signum != signal.SIGINT and hasattr(launcher, "kill"):
+            launcher.kill(signum)  # DDP children started by this process (a terminal sends SIGINT to all)
+        if first:
+            print(f"asr train: {signal.Signals(signum).name} received: writing {self.path} at the next "
+                  "optimizer step, then stopping", file=sys.stderr, flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Installed here, after Lightning's own SIGTERM handler (which would exit without a checkpoint).
+        self._trainer = trainer
+        self._last_save = time.monotonic()
+        self._step_seen = trainer.global_step
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, ResumableCSVLogger):
+                    logger.keep_rows_before(trainer.global_step)  # 0 for a new run: an old file's rows go
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._handlers = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._step_seen:
+            return  # no optimizer step in this batch (accumulating, or an empty batch)
+        self._step_seen = step
+        by_steps = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        by_time = time.monotonic() - self._last_save >= self.every_seconds
+        signum = self.signum or 0
+        if trainer.world_size > 1:
+            flags = torch.tensor([float(by_time), float(signum)], device=pl_module.device)
+            flags = trainer.strategy.reduce(flags, reduce_op="max")
+            by_time, signum = bool(flags[0]), int(flags[1])
+        if by_steps or by_time or signum:
+            trainer.save_checkpoint(self.path)
+            self._last_save = time.monotonic()
+        if signum:
+            raise TrainingStopped(signum, step, self.path)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives a resume: Lightning's writer deletes an existing file;
+    this one keeps it, and at the start of training keeps the rows logged before the step training
+    resumes from (the rows after it are logged again as those steps are redone)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def keep_rows_before(self, step: int) -> None:
+        self.experiment.keep_rows_before(step)
+
+
+class _KeepingExperimentWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        pass  # never delete: the rows are trimmed by keep_rows_before
+
+    def keep_rows_before(self, step: int) -> None:
+        import csv
+        import io
+
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [row for row in reader if _row_step(row) < step]
+        if not rows:
+            path.unlink()
+            return
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, out.getvalue())
+        self.metrics_keys = header  # later rows are appended under this header (widened if new keys come)
+
+
+def _row_step(row: dict) -> float:
+    try:
+        return float(row.get("step") or 0)
+    except ValueError:
+        return float("inf")
+
+
+def claim_run_folder(run_dir: Path, resuming: bool):
+    """Lock the run folder for this process (an open file; the lock ends with the process, however
+    it ends) and refuse a new run in a folder that holds another run's files. Returns the lock."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"trainer.default_root_dir {run_dir}: exists and is not a folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise UserError(f"{run_dir}: another `asr train` (pid {holder}) is writing this run folder; wait for it to "
+                        "end, or train into another folder with --trainer.default_root_dir DIR") from None
+    if not resuming:
+        present = [name for name in RUN_ARTEFACTS if (run_dir / name).exists()]
+        if present:
+            lock.close()
+            raise UserError(f"{run_dir}: holds a run already ({', '.join(present)}); resume it with --ckpt_path last, "
+                            "or train into another folder with --trainer.default_root_dir DIR")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 class ResumableLoader:
@@ -116,6 +303,7 @@ class TrainingDataModule(ASRDataModule):
 
 
 # --- the LightningModule -----------------------------------------------------------------------------
+
 
 
 class SpeechRecognizer(L.LightningModule):
@@ -165,6 +353,15 @@ class SpeechRecognizer(L.LightningModule):
             raise UserError(f"model.optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
         if schedule not in SCHEDULES:
             raise UserError(f"model.schedule {schedule!r}: expected one of {SCHEDULES}")
+        check_range("model.lr", lr, low=0.0, low_open=True)
+        check_range("model.weight_decay", weight_decay, low=0.0)
+        check_range("model.momentum", momentum, low=0.0, high=1.0, high_open=True)
+        check_range("model.warmup_steps", warmup_steps, low=0)
+        check_range("model.final_lr_ratio", final_lr_ratio, low=0.0, high=1.0)
+        check_range("model.max_nonfinite_in_a_row", max_nonfinite_in_a_row, low=1)
+        check_range("model.rnn_layers", rnn_layers, low=1)
+        check_range("model.rnn_hidden", rnn_hidden, low=1)
+        check_range("model.lookahead", lookahead, low=0)
         self.config = DeepSpeechConfig(
             n_mels=n_mels, vocab_size=vocab_size, conv_channels=tuple(conv_channels),
             conv_kernels=tuple(tuple(k) for k in conv_kernels), conv_strides=tuple(tuple(s) for s in conv_strides),
@@ -182,7 +379,7 @@ class SpeechRecognizer(L.LightningModule):
         # Training statistics for the report; kept in checkpoints so a resumed run reports the whole run.
         self.stats = {"wall_seconds": 0.0, "audio_seconds": 0.0, "utterances": 0, "nonfinite_batches_skipped": 0}
         self._nonfinite_in_a_row = 0
-        self._bn_snapshot: list[torch.Tensor] = []
+        self._bn_snapshot: list[torch.Tensor] | None = None  # taken at an optimizer step's first micro-batch
         self._fit_started = None
         self._dev_counts: list[torch.Tensor] = []
 
@@ -262,9 +459,11 @@ class SpeechRecognizer(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         if not batch:  # every utterance of the batch failed to load
             return None
-        # BatchNorm's running statistics change in the forward pass; keep a copy so a skipped
-        # non-finite batch leaves them as they were.
-        self._bn_snapshot = [b.clone() for b in self._batch_norm_buffers()]
+        # BatchNorm's running statistics change in the forward pass; keep a copy from the first
+        # micro-batch of the optimizer step, so a skipped non-finite step leaves them as they were
+        # before all of its micro-batches (gradient accumulation), not just the last one.
+        if self._bn_snapshot is None:
+            self._bn_snapshot = [b.clone() for b in self._batch_norm_buffers()]
         loss, _ = self._ctc_loss(batch)
         self.stats["audio_seconds"] += float(sum(batch["durations"]))
         self.stats["utterances"] += len(batch["durations"])
@@ -274,6 +473,7 @@ class SpeechRecognizer(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Skip the step when any gradient is NaN/inf. After DDP's all-reduce every rank sees the
         same gradients, so every rank takes the same decision without extra communication."""
+        snapshot, self._bn_snapshot = self._bn_snapshot, None  # the next micro-batch starts a new step
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return
@@ -286,7 +486,7 @@ class SpeechRecognizer(L.LightningModule):
             return  # fp16's gradient scaler skips the step and lowers its scale itself
         for p in self.parameters():
             p.grad = None  # optimizers skip parameters without a gradient
-        for buffer, saved in zip(self._batch_norm_buffers(), self._bn_snapshot):
+        for buffer, saved in zip(self._batch_norm_buffers(), snapshot or []):
             buffer.copy_(saved)
         self.stats["nonfinite_batches_skipped"] += 1
         self._nonfinite_in_a_row += 1
@@ -381,6 +581,8 @@ class TrainCLI(LightningCLI):
                             help="resume from this checkpoint; 'last' means the run folder's last.ckpt if it exists")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=100,
                             help="write last.ckpt every this many optimizer steps (and after every epoch)")
+        parser.add_argument("--checkpoint_every_minutes", type=float, default=DEFAULT_CHECKPOINT_MINUTES,
+                            help="write last.ckpt at least this often (minutes of training), whatever the step count")
         parser.add_argument("--evaluate", type=bool, default=True,
                             help="after training: evaluate the test splits (greedy, beam+LM) and write the report")
         parser.add_argument("--beam_size", type=int, default=50, help="beam of the beam+LM decoder in the report")
@@ -397,15 +599,37 @@ class TrainCLI(LightningCLI):
         name = Path(str(configs[-1])).stem if configs else "run"
         return Path(RUNS_DIR) / name
 
+    def check_options(self) -> None:
+        """UserError, in one line, for values Lightning would reject with a traceback (or accept wrongly)."""
+        trainer_config = self.config.get("trainer", {})
+        for name, minimum in (("max_epochs", 1), ("max_steps", 1)):
+            value = trainer_config.get(name)
+            if value is not None and value != -1 and value < minimum:
+                raise UserError(f"trainer.{name} {value}: must be at least {minimum}, or -1 for no limit")
+        for name in ("accumulate_grad_batches", "log_every_n_steps", "check_val_every_n_epoch"):
+            value = trainer_config.get(name)
+            if value is not None:
+                check_range(f"trainer.{name}", value, low=1)
+        if trainer_config.get("gradient_clip_val") is not None:
+            check_range("trainer.gradient_clip_val", trainer_config["gradient_clip_val"], low=0.0)
+        check_range("checkpoint_every_n_steps", self.config.get("checkpoint_every_n_steps"), low=1)
+        check_range("checkpoint_every_minutes", self.config.get("checkpoint_every_minutes"), low=0.0, low_open=True)
+        check_range("beam_size", self.config.get("beam_size"), low=1)
+        if self.config.get("tune_utterances") is not None:
+            check_range("tune_utterances", self.config.get("tune_utterances"), low=1)
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        self.check_options()
         run_dir = self.run_dir()
-        every = self.config.get("checkpoint_every_n_steps") or 100
+        # Claimed before the Trainer exists, so that nothing is written into a folder that is refused.
+        self.run_lock = (claim_run_folder(run_dir, resuming=self.config.get("ckpt_path") is not None)
+                         if _is_first_process() else None)
         kwargs["default_root_dir"] = str(run_dir)
         callbacks = [
             ModelCheckpoint(dirpath=run_dir, filename=BEST_CHECKPOINT, monitor="dev_wer", mode="min", save_top_k=1,
                             save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
-            ModelCheckpoint(dirpath=run_dir, filename=LAST_CHECKPOINT, every_n_train_steps=every, save_top_k=1,
-                            enable_version_counter=False),
+            TrainingControl(run_dir / f"{LAST_CHECKPOINT}.ckpt", self.config.get("checkpoint_every_n_steps"),
+                            self.config.get("checkpoint_every_minutes")),
         ]
         trainer_config = self.config.get("trainer", {})
         if trainer_config.get("enable_progress_bar", True) is not False:
@@ -414,7 +638,8 @@ class TrainCLI(LightningCLI):
         kwargs["callbacks"] = list(configured) + callbacks
         if trainer_config.get("logger", True) is not False:
             kwargs["logger"] = [TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""),
-                                CSVLogger(save_dir=run_dir, name="csv", version="")]
+                                ResumableCSVLogger(save_dir=run_dir, name="csv", version="",
+                                                   flush_logs_every_n_steps=CSV_FLUSH_EVERY_N_STEPS)]
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
@@ -423,14 +648,26 @@ class TrainCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+def _resume_path(ckpt_path: str | None, run_dir: Path, announce: bool = True) -> str | None:
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
         last = run_dir / f"{LAST_CHECKPOINT}.ckpt"
-        return str(last) if last.is_file() else None
+        if last.is_file():
+            read_checkpoint(last)
+            return str(last)
+        if announce:  # a job script that always passes --ckpt_path last starts its first run this way
+            print(f"asr train: --ckpt_path last: {last} does not exist, so there is nothing to resume; "
+                  "training starts at step 0", file=sys.stderr, flush=True)
+        return None
     read_checkpoint(ckpt_path)  # UserError now, in one line, if it is not a checkpoint of ours
     return ckpt_path
+
+
+def _is_first_process() -> bool:
+    """False in the other processes of a distributed run (Lightning's DDP children, torchrun, SLURM
+    tasks), which must neither lock nor judge the run folder that the first process has claimed."""
+    return all(int(os.environ.get(var) or 0) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _device_name(trainer: L.Trainer) -> str:
@@ -579,20 +816,47 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     torch.set_float32_matmul_precision("high")
+    logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 0"
     # `asr train ...` passes its own arguments; sys.argv stays whole for Lightning's DDP relaunch.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = TrainCLI(
-        SpeechRecognizer,
-        TrainingDataModule,
-        run=False,
-        args=argv,
-        save_config_callback=RunFolderConfig,
-        trainer_defaults={"use_distributed_sampler": False, "num_sanity_val_steps": 0},
-        parser_kwargs={"prog": "asr train", "default_env": False},
-    )
+    from jsonargparse import ArgumentError
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        cli = TrainCLI(
+            SpeechRecognizer,
+            TrainingDataModule,
+            run=False,
+            args=argv,
+            save_config_callback=RunFolderConfig,
+            trainer_defaults={"use_distributed_sampler": False, "num_sanity_val_steps": 0},
+            parser_kwargs={"prog": "asr train", "default_env": False, "exit_on_error": False},
+        )
+    except ArgumentError as err:  # one line, not the 70-line usage above it
+        raise UserError(f"{_first_line(err)} (`asr train --help` lists the options)") from None
+    except MisconfigurationException as err:
+        raise UserError(_first_line(err)) from None
     run_dir = Path(cli.trainer.default_root_dir)
-    ckpt_path = _resume_path(cli.config.get("ckpt_path"), run_dir)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    try:
+        ckpt_path = _resume_path(cli.config.get("ckpt_path"), run_dir, announce=cli.run_lock is not None)
+        return _fit_and_report(cli, run_dir, ckpt_path)
+    finally:
+        if cli.run_lock is not None:
+            cli.run_lock.close()
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _fit_and_report(cli: TrainCLI, run_dir: Path, ckpt_path: str | None) -> int:
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except TrainingStopped as stop:
+        print(f"asr train: {stop}: {stop.checkpoint} written; run the same command with --ckpt_path last "
+              "to resume", file=sys.stderr)
+        return 128 + stop.signum
     if cli.trainer.interrupted:
         return 130
     report = training_report(cli.trainer, cli.model, run_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from asr.decode import DEFAULT_BEAM_SIZE, DEFAULT_LM_WEIGHT, DEFAULT_WORD_SCORE, Decoder, Hypothesis
-from asr.errors import AudioError, UserError
+from asr.errors import AudioError, UserError, check_range, printable
 
 DEFAULT_CHUNK_SECONDS = 30.0
 CUT_SEARCH_FRACTION = 0.2  # look for the quietest cut point in the last 20% of a chunk
@@ -119,9 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-seconds", type=float, default=DEFAULT_CHUNK_SECONDS, help="longest piece recognised at once (default %(default)s)")
     parser.add_argument("--decoder", choices=("greedy", "beam"), default="greedy", help="default %(default)s; beam needs --lm or a checkpoint that records its training splits")
     parser.add_argument("--lm", default=None, help="ARPA word LM for --decoder beam (default: the run folder's lm.arpa, else one built from the run's training splits)")
-    parser.add_argument("--beam-size", type=int, default=DEFAULT_BEAM_SIZE)
-    parser.add_argument("--lm-weight", type=float, default=DEFAULT_LM_WEIGHT)
-    parser.add_argument("--word-score", type=float, default=DEFAULT_WORD_SCORE)
+    # beam options default to None so that giving one with the greedy decoder can be refused
+    parser.add_argument("--beam-size", type=int, default=None, help=f"--decoder beam only (default {DEFAULT_BEAM_SIZE})")
+    parser.add_argument("--lm-weight", type=float, default=None, help=f"--decoder beam only (default {DEFAULT_LM_WEIGHT})")
+    parser.add_argument("--word-score", type=float, default=None, help=f"--decoder beam only (default {DEFAULT_WORD_SCORE})")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
 
 
@@ -142,15 +143,35 @@ def _decoder(args, model, checkpoint: Path) -> Decoder:
 
                 lm_path = build_arpa(texts, Path(tmp) / "lm.arpa")
         # the lexicon is the LM's vocabulary
-        decoders = build_decoders(model.tokenizer, "beam", lm_path, None, args.beam_size, args.lm_weight, args.word_score)
+        decoders = build_decoders(model.tokenizer, "beam", lm_path, None, args.beam_size, args.lm_weight,
+                                  args.word_score)
     return next(iter(decoders.values()))
+
+
+BEAM_OPTIONS = ("lm", "beam_size", "lm_weight", "word_score")
+
+
+def check_decoder_options(args: argparse.Namespace, beam: bool) -> None:
+    """Refuse beam-search options with the greedy decoder (they would be silently ignored), range-check
+    the others, and fill in the defaults of those not given."""
+    given = [f"--{name.replace('_', '-')}" for name in BEAM_OPTIONS if getattr(args, name) is not None]
+    if given and not beam:
+        raise UserError(f"{', '.join(given)}: only used by the beam decoder; add --decoder beam or leave "
+                        f"{'them' if len(given) > 1 else 'it'} out")
+    for name, default in (("beam_size", DEFAULT_BEAM_SIZE), ("lm_weight", DEFAULT_LM_WEIGHT),
+                          ("word_score", DEFAULT_WORD_SCORE)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    check_range("--beam-size", args.beam_size, low=1)
+    check_range("--lm-weight", args.lm_weight)
+    check_range("--word-score", args.word_score)
 
 
 def run(args: argparse.Namespace) -> int:
     from asr.model.inference import load_for_inference
 
-    if args.chunk_seconds < MIN_CHUNK_SECONDS:
-        raise UserError(f"--chunk-seconds {args.chunk_seconds}: must be at least {MIN_CHUNK_SECONDS}")
+    check_range("--chunk-seconds", args.chunk_seconds, low=MIN_CHUNK_SECONDS)
+    check_decoder_options(args, beam=args.decoder == "beam")
     checkpoint = Path(args.checkpoint)
     model = load_for_inference(str(checkpoint), map_location=args.device)
     decoder = _decoder(args, model, checkpoint)
@@ -159,14 +180,14 @@ def run(args: argparse.Namespace) -> int:
     for result in transcribe_files(model, decoder, args.files, args.chunk_seconds):
         if isinstance(result, AudioError):
             failures += 1
-            print(f"asr transcribe: error: {result}", file=sys.stderr)
+            print(f"asr transcribe: error: {printable(result)}", file=sys.stderr)
             continue
         if args.json:
             transcripts.append(result.to_dict())
         elif len(args.files) == 1:
             print(result.text, flush=True)
         else:
-            print(f"{result.path}\t{result.text}", flush=True)
+            print(f"{printable(result.path)}\t{result.text}", flush=True)
     if args.json:
         print(json.dumps(transcripts, indent=2))
     if failures:

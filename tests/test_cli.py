@@ -72,7 +72,7 @@ PREPARE = ["data", "prepare", "librispeech"]
 @pytest.mark.parametrize("argv,message", [
     (["data", "summary", "missing.jsonl"], "missing.jsonl: manifest not found"),
     (["data", "summary"], "give manifest files or --root"),
-    (["data", "synth", "--hours", "0", "--out", "{tmp}/synth"], "--hours 0.0: must be positive"),
+    (["data", "synth", "--hours", "0", "--out", "{tmp}/synth"], "--hours 0.0: must be > 0.0"),
     (PREPARE + ["--root", "{tmp}"], "no LibriSpeech/<split> directories found"),
     (PREPARE + ["--root", "{tmp}", "--splits", "dev-other"], "split directory not found"),
     (PREPARE + ["--root", "{tmp}", "--download", "dev-cleen"], "unknown LibriSpeech split"),

@@ -15,7 +15,7 @@ import torch
 
 from asr.errors import UserError
 from asr.model.inference import CHECKPOINT_KEY, load_for_inference
-from asr.train import AtomicCheckpointIO, SpeechRecognizer, main
+from asr.train import AtomicCheckpointIO, CheckpointWriteError, SpeechRecognizer, main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "synth" / "tiny.yaml"
@@ -88,7 +88,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash_midway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError, match="disk full.*the previous checkpoint is intact"):
         io.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}, "the previous checkpoint must survive a failed write"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import signal
+import sys
 from pathlib import Path
 
 import pytorch_lightning as L
@@ -155,6 +157,15 @@ class UtteranceDataset(Dataset):
                 "id": utt.id, "duration": utt.duration}
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM, SIGUSR1 and Ctrl-C to the training process. timeout,
+    systemd, docker and SLURM signal the whole process group: a worker that died of it would take
+    the trainer down with a traceback before it could write its checkpoint. The trainer stops the
+    workers itself, and they exit on their own when it dies."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def collate(items: list[dict | None]) -> dict:
     items = [it for it in items if it is not None]
     if not items:
@@ -223,7 +234,10 @@ class ASRDataModule(L.LightningDataModule):
         key = hashlib.sha256(("\n".join(texts) + f"|{kind}|{vocab_size}|{model_type}").encode()).hexdigest()[:16]
         cache = Path(self.root) / "tokenizers" / f"{kind}-{model_type}-{vocab_size}-{key}.model"
         if cache.exists():
-            return SentencePieceTokenizer(cache.read_bytes())
+            try:
+                return SentencePieceTokenizer.from_file(cache)
+            except UserError as err:  # our own cache, named by a hash of what it was built from
+                print(f"warning: {err}; training it again", file=sys.stderr)
         tok = build_tokenizer(kind, texts, vocab_size, model_type)
         atomic_write_bytes(cache, tok.model_proto)
         return tok
@@ -249,7 +263,8 @@ class ASRDataModule(L.LightningDataModule):
         dataset = UtteranceDataset(utterances, self.tokenizer, self.feature_config, augment=train,
                                    spec_augment=self.spec_augment, speed_perturb=self.speed_perturb, seed=self.seed)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+                          persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=ignore_stop_signals if self.num_workers else None)
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_utterances, train=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from asr.data.audio import SAMPLE_RATE, init_decode_worker, load_audio, save_flac
 from asr.data.sentences import Sentence, load_sentences
-from asr.errors import AudioError, UserError
+from asr.errors import AudioError, UserError, check_range
 from asr.fileio import atomic_write_text
 from asr.progress import progress_bar
 
@@ -37,6 +37,13 @@ SECONDS_PER_UTTERANCE_OVERHEAD = 0.45  # leading/trailing silence the engines ad
 SPLIT_SHARES = {"train": 0.82, "dev": 0.06, "test-clean": 0.06, "test-unseen-voice": 0.06}
 HELD_OUT_SPLIT = "test-unseen-voice"
 LM_TEXT_FILE = "lm_text.txt"  # text-only LM corpus written beside LibriSpeech/
+CORPUS_FILE = "synth_corpus.json"  # written last: its presence marks a complete corpus
+METADATA_FILE = "synth_metadata.jsonl"
+# Written first, into a folder that was empty: synth owns a folder that holds it, and nothing else.
+OWNER_FILE = ".asr-synth-owned"
+# What synth (and the indexing and training that read its corpus) write under --out; a folder of an
+# older version without the owner file is adopted only if it holds nothing else.
+OWNED_ENTRIES = ("LibriSpeech", "manifests", "tokenizers", LM_TEXT_FILE, METADATA_FILE, CORPUS_FILE, OWNER_FILE)
 
 
 @dataclass(frozen=True)
@@ -193,13 +200,16 @@ def synthesize(out: str | os.PathLike, hours: float, seed: int = 0, held_out: in
         raise UserError(f"--hours {hours}: must be positive")
     out = Path(out)
     started = time.perf_counter()
+    check_output_folder(out)
     sentences = load_sentences()
     jobs = plan_corpus(out, hours, seed, held_out, sentences)
+    claim_output_folder(out)
     # A corpus is rendered whole, never mixed with an older one; what was derived from it goes too.
+    # Only in a folder this command owns (claim_output_folder), so all of it was made here.
+    (out / CORPUS_FILE).unlink(missing_ok=True)  # first: an interrupted re-render is never taken as complete
     for derived in ("LibriSpeech", "manifests", "tokenizers"):
         if (out / derived).exists():
             shutil.rmtree(out / derived)
-    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[RenderJob, float]] = {}
     failures: list[tuple[RenderJob, str]] = []
     workers = workers or os.cpu_count() or 1
@@ -219,6 +229,31 @@ def synthesize(out: str | os.PathLike, hours: float, seed: int = 0, held_out: in
     return SynthSummary(len(results), len(failures), audio_hours, time.perf_counter() - started)
 
 
+def check_output_folder(out: Path) -> None:
+    """UserError unless synth may write `out`: a new or empty folder, or one it owns."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; choose a new or empty folder with --out")
+    if not out.is_dir() or (out / OWNER_FILE).is_file():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    # A corpus of an earlier version of this command (no owner file): adopted if nothing else is there.
+    if (out / CORPUS_FILE).is_file() and set(entries) <= set(OWNED_ENTRIES):
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise UserError(f"--out {out}: holds files that `asr data synth` did not make ({shown}) and would be "
+                    "replaced; choose a new or empty folder with --out")
+
+
+def claim_output_folder(out: Path) -> None:
+    check_output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / OWNER_FILE).is_file():
+        atomic_write_text(out / OWNER_FILE, "This folder was created by `asr data synth`, which may replace what is "
+                                            "in it. Do not keep other files here.\n")
+
+
 def _write_transcripts(results: dict[str, tuple[RenderJob, float]]) -> None:
     chapters: dict[Path, list[str]] = defaultdict(list)
     for utt_id, (job, _) in results.items():
@@ -230,7 +265,7 @@ def _write_transcripts(results: dict[str, tuple[RenderJob, float]]) -> None:
 
 
 def _write_metadata(out: Path, hours: float, seed: int, held_out: int, results, failures) -> None:
-    with open(out / "synth_metadata.jsonl", "w", encoding="utf-8") as f:
+    with open(out / METADATA_FILE, "w", encoding="utf-8") as f:
         for utt_id in sorted(results):
             job, seconds = results[utt_id]
             f.write(json.dumps({
@@ -249,7 +284,7 @@ def _write_metadata(out: Path, hours: float, seed: int, held_out: int, results, 
     (out / "LibriSpeech").mkdir(parents=True, exist_ok=True)
     (out / "LibriSpeech" / "SPEAKERS.TXT").write_text("\n".join(speakers) + "\n", encoding="utf-8")
     # Written last and atomically: its presence marks a complete corpus (see is_rendered).
-    atomic_write_text(out / "synth_corpus.json", json.dumps({
+    atomic_write_text(out / CORPUS_FILE, json.dumps({
         "version": CORPUS_VERSION, "hours_requested": hours, "seed": seed,
         "held_out_voice": asdict(by_id[held_out]), "split_shares": SPLIT_SHARES,
         "voices": [asdict(v) for v in VOICES], "utterances": len(results),
@@ -262,7 +297,7 @@ def is_rendered(out: str | os.PathLike, hours: float, seed: int, held_out: int =
     """True when `out` already holds a complete corpus rendered with these options by this version."""
     out = Path(out)
     try:
-        meta = json.loads((out / "synth_corpus.json").read_text(encoding="utf-8"))
+        meta = json.loads((out / CORPUS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     same = (meta.get("version") == CORPUS_VERSION and meta.get("hours_requested") == hours
@@ -279,15 +314,42 @@ def add_arguments(parser) -> None:
                         help="speaker id of the voice kept for test-unseen-voice only")
     parser.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
     parser.add_argument("--no-prepare", action="store_true", help="do not build the manifests afterwards")
-    parser.add_argument("--force", action="store_true", help="render again even if --out holds this corpus")
+    parser.add_argument("--force", action="store_true",
+                        help="render again even if --out holds this corpus, or replace the other corpus it holds")
+
+
+def _rendered_options(out: Path) -> dict | None:
+    """The options of the complete corpus in `out`, or None when there is none."""
+    try:
+        meta = json.loads((out / CORPUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def run(args) -> int:
     failed = 0
-    if not args.force and is_rendered(args.out, args.hours, args.seed, args.held_out_voice):
+    check_range("--hours", args.hours, low=0.0, low_open=True)
+    if args.workers is not None:
+        check_range("--workers", args.workers, low=1)
+    out = Path(args.out)
+    check_output_folder(out)
+    if not args.force and is_rendered(out, args.hours, args.seed, args.held_out_voice):
         print(f"{args.out}: already holds this corpus (version {CORPUS_VERSION}, {args.hours} h, seed {args.seed}); "
               "reading it back (--force renders it again)")
     else:
+        existing = _rendered_options(out)
+        if existing is not None and not args.force:
+            held = (existing.get("held_out_voice") or {}).get("speaker_id")
+            if (existing.get("version"), existing.get("hours_requested"), existing.get("seed"), held) == (
+                    CORPUS_VERSION, args.hours, args.seed, args.held_out_voice):
+                raise UserError(f"--out {args.out}: holds this corpus, but incomplete "
+                                f"({len(existing.get('failed') or [])} utterances failed to render, or files are "
+                                "missing); pass --force to render it again")
+            raise UserError(
+                f"--out {args.out}: holds another corpus (version {existing.get('version')}, --hours "
+                f"{existing.get('hours_requested')}, --seed {existing.get('seed')}, --held-out-voice {held}); "
+                "pass --force to replace it, or choose another --out")
         summary = synthesize(args.out, args.hours, args.seed, args.held_out_voice, args.workers)
         rate = summary.audio_hours / (summary.wall_seconds / 60)
         print(f"rendered {summary.utterances} utterances, {summary.audio_hours:.2f} h of audio in "

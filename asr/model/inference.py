@@ -11,8 +11,6 @@ config, the tokenizer's state, the feature config and the vocabulary it was trai
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -94,25 +92,65 @@ class InferenceModel:
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """The checkpoint dict, or UserError if the file is missing, unreadable or not one of ours."""
     path = Path(path)
-    if not path.is_file():
+    check_device(map_location)
+    if not path.exists():
         raise UserError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise UserError(f"{path}: not a checkpoint file (a {'folder' if path.is_dir() else 'special file'})")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: not a readable checkpoint (empty file, 0 bytes)")
     try:
+        # weights_only: tensors and plain containers only, so loading a file never runs its code
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:120]})") from None
+    except Exception as err:  # torch reports bad files as many types: UnpicklingError, KeyError, IndexError...
+        raise UserError(f"{path}: not a readable checkpoint ({_reason(err)})") from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise UserError(f"{path}: not a checkpoint of this project (no '{CHECKPOINT_KEY}' entry)")
     payload = checkpoint[CHECKPOINT_KEY]
+    if not isinstance(payload, dict) or not isinstance(checkpoint["state_dict"], dict):
+        raise UserError(f"{path}: not a checkpoint of this project (malformed '{CHECKPOINT_KEY}' entry)")
+    missing = [key for key in ("model_config", "tokenizer", "feature_config", "vocabulary") if key not in payload]
+    if payload.get("format") == CHECKPOINT_FORMAT and missing:
+        raise UserError(f"{path}: incomplete checkpoint (no {', '.join(missing)})")
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: checkpoint format {payload.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
     return checkpoint
 
 
+def check_device(device) -> None:
+    """UserError naming --device unless it names a device this machine has."""
+    if not isinstance(device, (str, torch.device)):
+        return  # a map_location function or dict: the caller knows what it does
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise UserError(f"--device {device}: not a device name ({_reason(err)}); use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is usable on this machine (torch.cuda.is_available() "
+                            "is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "meta"):
+        raise UserError(f"--device {device}: only cpu and cuda are supported")
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:120] if text else type(err).__name__)
+
+
 def load_for_inference(checkpoint_path: str | os.PathLike, map_location="cpu") -> InferenceModel:
     checkpoint = read_checkpoint(checkpoint_path, map_location)
     payload = checkpoint[CHECKPOINT_KEY]
-    config = DeepSpeechConfig.from_dict(payload["model_config"])
-    tokenizer = tokenizer_from_state(payload["tokenizer"])
+    try:
+        config = DeepSpeechConfig.from_dict(payload["model_config"])
+        tokenizer = tokenizer_from_state(payload["tokenizer"])
+        feature_config = FeatureConfig(**payload["feature_config"])
+    except UserError as err:
+        raise UserError(f"{checkpoint_path}: {err}") from None
+    except Exception as err:  # a config this version cannot read: unknown or missing fields, wrong types
+        raise UserError(f"{checkpoint_path}: its saved configuration cannot be read by this version ({_reason(err)})") from None
     check_vocabulary(str(checkpoint_path), payload["vocabulary"], tokenizer, config.vocab_size)
     net = DeepSpeech(config)
     state = {k[len(NETWORK_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(NETWORK_PREFIX)}
@@ -124,6 +162,6 @@ def load_for_inference(checkpoint_path: str | os.PathLike, map_location="cpu") -
     except RuntimeError as err:
         raise UserError(f"{checkpoint_path}: weights do not fit the saved network config ({str(err).splitlines()[0]})") from None
     net.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-    model = InferenceModel(net, tokenizer, FeatureConfig(**payload["feature_config"]))
+    model = InferenceModel(net, tokenizer, feature_config)
     model.data_config = dict(payload.get("data") or {})  # {"root", "train_splits"}: what it was trained on
     return model
