@@ -621,6 +621,9 @@ class TrainCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         self.check_options()
         run_dir = self.run_dir()
+        resume_from = self.config.get("ckpt_path")
+        if resume_from not in (None, "last"):
+            read_checkpoint(resume_from)  # UserError now, in one line, if it is not a checkpoint of ours
         # Claimed before the Trainer exists, so that nothing is written into a folder that is refused.
         self.run_lock = (claim_run_folder(run_dir, resuming=self.config.get("ckpt_path") is not None)
                          if _is_first_process() else None)
@@ -660,8 +663,7 @@ def _resume_path(ckpt_path: str | None, run_dir: Path, announce: bool = True) ->
             print(f"asr train: --ckpt_path last: {last} does not exist, so there is nothing to resume; "
                   "training starts at step 0", file=sys.stderr, flush=True)
         return None
-    read_checkpoint(ckpt_path)  # UserError now, in one line, if it is not a checkpoint of ours
-    return ckpt_path
+    return ckpt_path  # checked by TrainCLI.instantiate_trainer
 
 
 def _is_first_process() -> bool:
@@ -846,8 +848,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _first_line(err: Exception) -> str:
+    """The message on one line: jsonargparse puts the key on the first line and the reason below it."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    return " ".join(lines[:3])[:400] if lines else type(err).__name__
 
 
 def _fit_and_report(cli: TrainCLI, run_dir: Path, ckpt_path: str | None) -> int:

@@ -25,5 +25,7 @@ PY
 echo "== building the recurrent op (once; cached under build/ops)"
 "${ASR[@]}" ops build
 echo "== training $RECIPE into $run_dir (ends with evaluation and the report)"
-"${ASR[@]}" train --config "$RECIPE" --data.root "$CORPUS"
+# --ckpt_path last: a demo that was interrupted resumes, and one that finished is evaluated again
+# (a new run into a folder that holds one is refused).
+"${ASR[@]}" train --config "$RECIPE" --data.root "$CORPUS" --ckpt_path last
 echo "== make demo finished in $(( $(date +%s) - start )) s; report: $run_dir/report.md"
