@@ -183,7 +183,7 @@ class TrainingControl(Callback):
             flags = trainer.strategy.reduce(flags, reduce_op="max")
             by_time, signum = bool(flags[0]), int(flags[1])
         if by_steps or by_time or signum:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the whole state: resumable
             self._last_save = time.monotonic()
         if signum:
             raise TrainingStopped(signum, step, self.path)
@@ -821,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 0"
     # `asr train ...` passes its own arguments; sys.argv stays whole for Lightning's DDP relaunch.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # the run folder is ours to judge (claim_run_folder); its .lock makes Lightning think it is not empty
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
     from jsonargparse import ArgumentError
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
