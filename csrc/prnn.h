@@ -27,7 +27,8 @@ typedef enum {
   PRNN_STATUS_INVALID_VALUE = 1,
   PRNN_STATUS_NOT_SUPPORTED = 2,
   PRNN_STATUS_WORKSPACE_TOO_SMALL = 3,
-  PRNN_STATUS_CUDA_ERROR = 4
+  PRNN_STATUS_CUDA_ERROR = 4,
+  PRNN_STATUS_TIMEOUT = 5  /* a grid barrier waited past its bound; the launch gave up, outputs undefined */
 } prnnStatus_t;
 
 typedef enum { PRNN_ACT_RELU = 0, PRNN_ACT_CLIPPED_RELU = 1, PRNN_ACT_TANH = 2 } prnnActivation_t;
@@ -76,8 +77,33 @@ prnnStatus_t prnnBackwardData(const prnnProblem_t* p, const void* w, const void*
                               const void* dh_last, const int32_t* lengths, void* du, void* dh0,
                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+/* How the last prnnForward / prnnBackwardData launched with `workspace` on `stream` ended: SUCCESS,
+   or TIMEOUT when a block waited at a grid barrier longer than the bound (PRNN_BARRIER_TIMEOUT_MS,
+   default 10000) and the launch gave up instead of hanging; the message names the block and barrier.
+   The launches themselves stay asynchronous; this call synchronises `stream` (so it cannot be
+   captured in a CUDA graph: INVALID_VALUE during capture) and must come before the workspace is
+   reused. With PRNN_DEBUG=1 the launches check it themselves. prnnWorkspaceStatusAsync below is
+   the form without the wait (what the torch binding uses by default). */
+prnnStatus_t prnnWorkspaceStatus(const void* workspace, cudaStream_t stream);
+
+/* Bytes of a launch's status record: the part of the workspace header prnnWorkspaceStatus reads. */
+#define PRNN_STATUS_RECORD_BYTES 32
+
+/* prnnWorkspaceStatus without the wait: enqueues on `stream` a copy of the status record of the last
+   launch with `workspace` into `host_record` (PRNN_STATUS_RECORD_BYTES bytes of host memory; pinned,
+   e.g. from cudaHostAlloc, or the copy is not asynchronous) and returns at once. Call it right after
+   the launch, on the launch's stream, before the workspace is reused. Once the stream has passed
+   that point (an event recorded after this call has completed), prnnStatusFromRecord(host_record)
+   says how the launch ended. */
+prnnStatus_t prnnWorkspaceStatusAsync(const void* workspace, void* host_record, cudaStream_t stream);
+
+/* How the launch whose record prnnWorkspaceStatusAsync copied to `host_record` ended: SUCCESS, or
+   TIMEOUT with the same message as prnnWorkspaceStatus. Host only; reads nothing on the device. */
+prnnStatus_t prnnStatusFromRecord(const void* host_record);
+
 /* The grid-wide barrier alone: average microseconds per barrier with `blocks` co-resident blocks
-   (blocks <= 0: as many as the planner would use for one SM-filling grid). Synchronises `stream`. */
+   (blocks <= 0: as many as the planner would use for one SM-filling grid). Synchronises `stream`.
+   TIMEOUT when the barrier gave up (see prnnWorkspaceStatus). */
 prnnStatus_t prnnMeasureBarrier(int device, int blocks, int iterations, cudaStream_t stream,
                                 float* microseconds);
 

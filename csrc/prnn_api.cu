@@ -4,7 +4,10 @@
 // Environment:
 //   PRNN_DEBUG=1      log each launch's plan to stderr and synchronise after it, so that a device
 //                     fault is reported by the call that caused it (skipped during stream capture).
-//   PRNN_BARRIER=cg   use cooperative_groups grid.sync() instead of the counter barrier.
+//   PRNN_BARRIER=cg   use cooperative_groups grid.sync() instead of the counter barrier (unbounded).
+//   PRNN_BARRIER_TIMEOUT_MS=n  the longest a block waits at one grid barrier before the launch gives
+//                     up with PRNN_STATUS_TIMEOUT (default 10000; read at every launch).
+//   PRNN_FAULT=...    make planning, the launch or a barrier fail on purpose (prnn_fault.h).
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +16,7 @@
 #include <mutex>
 
 #include "prnn.h"
+#include "prnn_fault.h"
 #include "prnn_kernels.cuh"
 #include "prnn_planner.h"
 
@@ -20,7 +24,15 @@ namespace prnn {
 namespace {
 
 constexpr size_t kErrorMessageBytes = 1024;
-constexpr size_t kWorkspaceHeaderBytes = 256;  // barrier counter, padded to keep the state aligned
+// Workspace header: the barrier counter at 0, the status record at kStatusOffsetBytes (its own
+// 128-byte line, away from the counter every block polls); padded to keep the state aligned.
+constexpr size_t kWorkspaceHeaderBytes = 256;
+constexpr size_t kStatusOffsetBytes = 128;
+static_assert(kStatusOffsetBytes + kStatusWords * sizeof(unsigned int) <= kWorkspaceHeaderBytes, "header");
+static_assert(kStatusWords * sizeof(unsigned int) <= PRNN_STATUS_RECORD_BYTES, "status record");
+static_assert(kStatusOffsetBytes + PRNN_STATUS_RECORD_BYTES <= kWorkspaceHeaderBytes, "header");
+constexpr unsigned long long kDefaultBarrierTimeoutMs = 10000;  // a real wait is micro- to milliseconds
+constexpr unsigned long long kFaultBarrierTimeoutMs = 100;      // PRNN_FAULT=timeout: keep tests short
 constexpr int kMaxDevices = 64;
 constexpr int kBarrierBenchThreads = 128;
 
@@ -51,6 +63,47 @@ bool debug_enabled() {
 bool use_cg_barrier() {
   static const bool enabled = env_flag("PRNN_BARRIER", "cg");
   return enabled;
+}
+
+// PRNN_BARRIER_TIMEOUT_MS, or the default; read per launch so that a test can change it.
+unsigned long long barrier_timeout_ns(bool fault) {
+  const char* v = getenv("PRNN_BARRIER_TIMEOUT_MS");
+  unsigned long long ms = fault ? kFaultBarrierTimeoutMs : kDefaultBarrierTimeoutMs;
+  if (v != nullptr && v[0] != '\0') {
+    char* end = nullptr;
+    const unsigned long long parsed = strtoull(v, &end, 10);
+    if (end != nullptr && *end == '\0' && parsed > 0) ms = parsed;
+  }
+  return ms * 1000000ull;
+}
+
+unsigned int* status_record(void* workspace) {
+  return reinterpret_cast<unsigned int*>(static_cast<unsigned char*>(workspace) + kStatusOffsetBytes);
+}
+
+// Turns a status record copied back from the device into the API's status and message.
+prnnStatus_t status_from_record(const unsigned int* r, const char* what) {
+  if (r[kStatusCode] == kKernelOk) return PRNN_STATUS_SUCCESS;
+  if (r[kStatusCode] == kKernelBarrierTimeout)
+    return fail(PRNN_STATUS_TIMEOUT,
+                "%s: block %u waited more than %u ms at grid barrier %u (%u of %u blocks had arrived); "
+                "the launch gave up and its outputs are undefined",
+                what, r[kStatusBlock], r[kStatusTimeoutMs], r[kStatusGeneration], r[kStatusArrived], r[kStatusGrid]);
+  return fail(PRNN_STATUS_CUDA_ERROR, "%s: unknown kernel status %u", what, r[kStatusCode]);
+}
+
+// Waits for `stream` and reads the status record a launch left at `record` (device memory).
+prnnStatus_t read_status_record(const unsigned int* record, cudaStream_t stream, const char* what) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaError_t err = cudaStreamIsCapturing(stream, &capture);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone)
+    return fail(PRNN_STATUS_INVALID_VALUE, "%s: the kernel status cannot be read during stream capture", what);
+  unsigned int host[kStatusWords] = {};
+  err = cudaMemcpyAsync(host, record, sizeof(host), cudaMemcpyDeviceToHost, stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) return cuda_fail(err, what);
+  return status_from_record(host, what);
 }
 
 const char* dtype_name(prnnDataType_t t) {
@@ -142,6 +195,13 @@ prnnStatus_t plan_pass(const prnnProblem_t* p, int device, bool backward, Plan* 
     snprintf(reason, reason_len, "device %d does not support cooperative launch", device);
     return PRNN_STATUS_NOT_SUPPORTED;
   }
+  const Fault fault = injected_fault(backward);
+  if (fault == Fault::kInvalid) return fail(PRNN_STATUS_INVALID_VALUE, "PRNN_FAULT=%s: %s", fault_env(), kFaultUsage);
+  if (fault == Fault::kPlan) {
+    snprintf(reason, reason_len, "%s %s: fault injected (PRNN_FAULT=%s): the planner refused the problem",
+             dtype_name(p->dtype), backward ? "backward" : "forward", fault_env());
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
   const ProblemShape shape = {p->time_steps, p->batch > 0 ? p->batch : 1, p->directions, p->hidden,
                               dtype_bytes(p->dtype)};
   char why[512] = "";
@@ -161,16 +221,13 @@ prnnStatus_t plan_pass(const prnnProblem_t* p, int device, bool backward, Plan* 
   }
   err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, plan->smem_bytes);
   if (err != cudaSuccess) return cuda_fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  // The runtime's own occupancy answer for the kernel as built: a grid that cannot be resident all
+  // at once is refused here, before any launch (the cooperative launch would refuse it too).
   int resident = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, plan->threads, plan->smem_bytes);
   if (err != cudaSuccess) return cuda_fail(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  if (static_cast<long long>(resident) * info.limits.sm_count < plan->blocks) {
-    snprintf(reason, reason_len,
-             "%d blocks of %d threads with %d B shared memory cannot all be resident "
-             "(%d per SM x %d SMs)",
-             plan->blocks, plan->threads, plan->smem_bytes, resident, info.limits.sm_count);
+  if (!check_co_residency(*plan, resident, info.limits.sm_count, reason, reason_len))
     return PRNN_STATUS_NOT_SUPPORTED;
-  }
   *kernel = fn;
   return PRNN_STATUS_SUCCESS;
 }
@@ -193,13 +250,23 @@ prnnStatus_t run_pass(const prnnProblem_t* p, bool backward, KernelArgs args, vo
   if (st == PRNN_STATUS_NOT_SUPPORTED) return fail(st, "%s", reason);
   if (st != PRNN_STATUS_SUCCESS) return st;
 
+  const char* what = backward ? "backward kernel" : "forward kernel";
+  const Fault fault = injected_fault(backward);
+  if (fault == Fault::kInvalid) return fail(PRNN_STATUS_INVALID_VALUE, "PRNN_FAULT=%s: %s", fault_env(), kFaultUsage);
+  if (fault == Fault::kLaunch)
+    return fail(PRNN_STATUS_CUDA_ERROR, "cooperative launch (%s): fault injected (PRNN_FAULT=%s): the launch failed",
+                backward ? "backward" : "forward", fault_env());
   args.barrier_counter = static_cast<unsigned int*>(workspace);
+  args.status = status_record(workspace);
+  args.barrier_timeout_ns = barrier_timeout_ns(fault == Fault::kTimeout);
+  args.fault_skip_block = fault == Fault::kTimeout ? plan.blocks - 1 : -1;
   args.state = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + kWorkspaceHeaderBytes);
   args.activation = static_cast<int>(p->activation);
   args.use_cg_barrier = use_cg_barrier() ? 1 : 0;
 
-  cudaError_t err = cudaMemsetAsync(args.barrier_counter, 0, sizeof(unsigned int), stream);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaMemsetAsync(barrier counter)");
+  // One memset zeroes the counter and the status record.
+  cudaError_t err = cudaMemsetAsync(workspace, 0, kWorkspaceHeaderBytes, stream);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaMemsetAsync(workspace header)");
   void* params[] = {&plan, &args};
   err = cudaLaunchCooperativeKernel(fn, dim3(plan.blocks), dim3(plan.threads), params,
                                     static_cast<size_t>(plan.smem_bytes), stream);
@@ -210,10 +277,8 @@ prnnStatus_t run_pass(const prnnProblem_t* p, bool backward, KernelArgs args, vo
     fprintf(stderr, "[prnn] %s %s %s barrier=%s\n", backward ? "backward" : "forward", dtype_name(p->dtype),
             text, args.use_cg_barrier ? "cg" : "counter");
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone) {
-      err = cudaStreamSynchronize(stream);
-      if (err != cudaSuccess) return cuda_fail(err, backward ? "backward kernel" : "forward kernel");
-    }
+    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone)
+      return read_status_record(args.status, stream, what);
   }
   return PRNN_STATUS_SUCCESS;
 }
@@ -228,7 +293,8 @@ prnnStatus_t copy_or_zero(const prnnProblem_t* p, void* dst, const void* src, si
 }
 
 __global__ void barrier_benchmark_kernel(KernelArgs a, int iterations) {
-  for (int i = 0; i < iterations; ++i) grid_barrier(a, static_cast<unsigned int>(i + 1));
+  for (int i = 0; i < iterations; ++i)
+    if (!grid_barrier(a, static_cast<unsigned int>(i + 1))) return;
 }
 
 }  // namespace
@@ -245,6 +311,7 @@ const char* prnnStatusString(prnnStatus_t status) {
     case PRNN_STATUS_NOT_SUPPORTED: return "PRNN_STATUS_NOT_SUPPORTED";
     case PRNN_STATUS_WORKSPACE_TOO_SMALL: return "PRNN_STATUS_WORKSPACE_TOO_SMALL";
     case PRNN_STATUS_CUDA_ERROR: return "PRNN_STATUS_CUDA_ERROR";
+    case PRNN_STATUS_TIMEOUT: return "PRNN_STATUS_TIMEOUT";
   }
   return "PRNN_STATUS_UNKNOWN";
 }
@@ -339,6 +406,27 @@ prnnStatus_t prnnBackwardData(const prnnProblem_t* p, const void* w, const void*
   return run_pass(p, true, args, workspace, stream);
 }
 
+prnnStatus_t prnnWorkspaceStatus(const void* workspace, cudaStream_t stream) {
+  if (workspace == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "prnnWorkspaceStatus: workspace is NULL");
+  return read_status_record(status_record(const_cast<void*>(workspace)), stream, "persistent kernel");
+}
+
+prnnStatus_t prnnWorkspaceStatusAsync(const void* workspace, void* host_record, cudaStream_t stream) {
+  if (workspace == nullptr || host_record == nullptr)
+    return fail(PRNN_STATUS_INVALID_VALUE, "prnnWorkspaceStatusAsync: workspace and host_record must not be NULL");
+  const cudaError_t err = cudaMemcpyAsync(host_record, status_record(const_cast<void*>(workspace)),
+                                          PRNN_STATUS_RECORD_BYTES, cudaMemcpyDeviceToHost, stream);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaMemcpyAsync(status record)");
+  return PRNN_STATUS_SUCCESS;
+}
+
+prnnStatus_t prnnStatusFromRecord(const void* host_record) {
+  if (host_record == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "prnnStatusFromRecord: host_record is NULL");
+  unsigned int words[kStatusWords];
+  memcpy(words, host_record, sizeof(words));
+  return status_from_record(words, "persistent kernel");
+}
+
 prnnStatus_t prnnMeasureBarrier(int device, int blocks, int iterations, cudaStream_t stream, float* microseconds) {
   if (microseconds == nullptr || iterations < 1)
     return fail(PRNN_STATUS_INVALID_VALUE, "prnnMeasureBarrier: need iterations >= 1 and a result pointer");
@@ -363,16 +451,23 @@ prnnStatus_t prnnMeasureBarrier(int device, int blocks, int iterations, cudaStre
   }
   KernelArgs args = {};
   args.use_cg_barrier = use_cg_barrier() ? 1 : 0;
+  args.barrier_timeout_ns = barrier_timeout_ns(false);
+  args.fault_skip_block = -1;
   cudaEvent_t start = nullptr, stop = nullptr;
   float ms_zero = 0.0f, ms_full = 0.0f;
   st = PRNN_STATUS_SUCCESS;
-  err = cudaMalloc(&args.barrier_counter, sizeof(unsigned int));
+  void* header = nullptr;
+  err = cudaMalloc(&header, kWorkspaceHeaderBytes);
+  if (err == cudaSuccess) {
+    args.barrier_counter = static_cast<unsigned int*>(header);
+    args.status = status_record(header);
+  }
   if (err == cudaSuccess) err = cudaEventCreate(&start);
   if (err == cudaSuccess) err = cudaEventCreate(&stop);
   // Run 0 iterations (launch cost alone), then `iterations`; report the difference per barrier.
   for (int run = 0; run < 3 && err == cudaSuccess; ++run) {  // run 0 warms up
     int count = run == 1 ? 0 : iterations;
-    err = cudaMemsetAsync(args.barrier_counter, 0, sizeof(unsigned int), stream);
+    err = cudaMemsetAsync(header, 0, kWorkspaceHeaderBytes, stream);
     if (err == cudaSuccess) err = cudaEventRecord(start, stream);
     void* params[] = {&args, &count};
     if (err == cudaSuccess)
@@ -380,11 +475,13 @@ prnnStatus_t prnnMeasureBarrier(int device, int blocks, int iterations, cudaStre
     if (err == cudaSuccess) err = cudaEventRecord(stop, stream);
     if (err == cudaSuccess) err = cudaEventSynchronize(stop);
     if (err == cudaSuccess) err = cudaEventElapsedTime(run == 1 ? &ms_zero : &ms_full, start, stop);
+    if (err == cudaSuccess && (st = read_status_record(args.status, stream, "barrier benchmark")) != PRNN_STATUS_SUCCESS)
+      break;
   }
   if (err != cudaSuccess) st = cuda_fail(err, "barrier benchmark");
   if (start) cudaEventDestroy(start);
   if (stop) cudaEventDestroy(stop);
-  if (args.barrier_counter) cudaFree(args.barrier_counter);
+  if (header) cudaFree(header);
   if (previous != device) cudaSetDevice(previous);
   if (st == PRNN_STATUS_SUCCESS) {
     const float diff = ms_full - ms_zero;

@@ -47,9 +47,22 @@ struct KernelArgs {
   const int32_t* lengths;  // [N] or null
   float* state;         // workspace: 2 x [N,D,H] fp32 ping-pong
   unsigned int* barrier_counter;  // workspace: zeroed before launch
+  unsigned int* status;           // workspace: kStatusWords, zeroed before launch (see KernelStatus)
+  unsigned long long barrier_timeout_ns;  // longest wait at one grid barrier before giving up
+  int fault_skip_block; // test fault (PRNN_FAULT=timeout): this block never arrives; -1: none
   int activation;       // prnnActivation_t
   int use_cg_barrier;   // 1: cooperative_groups grid.sync(), 0: counter barrier
 };
+
+// The status record a launch leaves in the workspace; the host reads it after the launch
+// (prnnWorkspaceStatus). Only the first block to fail writes it.
+enum KernelStatus : unsigned int { kKernelOk = 0, kKernelBarrierTimeout = 1 };
+enum StatusWord { kStatusCode, kStatusBlock, kStatusGeneration, kStatusArrived, kStatusGrid, kStatusTimeoutMs,
+                  kStatusWords };
+
+// A spinning block reads the clock (and the status word, to leave early once another block has
+// given up) only every this many polls of the counter, so the common case costs what it did.
+constexpr unsigned int kBarrierPollsPerClockCheck = 256;
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
@@ -82,12 +95,20 @@ __device__ __forceinline__ float activation_grad_from_output(int act, float y) {
   return y > 0.0f ? 1.0f : 0.0f;
 }
 
-#ifndef PRNN_HOST_EMULATION
+#ifndef PRNN_HOST_EMULATION  // the emulation test supplies these for CPU threads
 __device__ __forceinline__ unsigned int load_acquire_gpu(const unsigned int* p) {
   unsigned int v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ void barrier_poll_pause() {}  // a GPU thread spins; a CPU thread yields
 
 __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char smem_bytes[];
@@ -95,31 +116,63 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 }
 #endif
 
+// Records that this block gave up at barrier `generation` (first failure wins) for the host.
+__device__ __forceinline__ void record_barrier_timeout(const KernelArgs& a, unsigned int generation,
+                                                       unsigned int counter) {
+  if (atomicCAS(a.status + kStatusCode, 0u, static_cast<unsigned int>(kKernelBarrierTimeout)) == 0u) {
+    a.status[kStatusBlock] = blockIdx.x;
+    a.status[kStatusGeneration] = generation;
+    a.status[kStatusArrived] = counter - (generation - 1) * gridDim.x;
+    a.status[kStatusGrid] = gridDim.x;
+    a.status[kStatusTimeoutMs] = static_cast<unsigned int>(a.barrier_timeout_ns / 1000000ull);
+    __threadfence();
+  }
+}
+
+// Thread 0's half of the counter barrier. False when the block must give up: it waited longer
+// than barrier_timeout_ns (a peer never arrived: the grid was not co-resident, or a peer died),
+// or another block already gave up. The deadline counts from the first clock check, i.e. up to
+// kBarrierPollsPerClockCheck polls late, which is noise against a bound of seconds.
+__device__ __forceinline__ bool counter_barrier_wait(const KernelArgs& a, unsigned int generation) {
+  const unsigned int target = generation * gridDim.x;
+  __threadfence();  // this block's writes (ordered before thread 0 by __syncthreads) go first
+  if (static_cast<int>(blockIdx.x) != a.fault_skip_block) atomicAdd(a.barrier_counter, 1u);
+  unsigned int polls = 0;
+  unsigned long long first_check_ns = 0;
+  unsigned int counter;
+  while ((counter = load_acquire_gpu(a.barrier_counter)) < target) {
+    barrier_poll_pause();
+    if (++polls % kBarrierPollsPerClockCheck != 0) continue;
+    if (load_acquire_gpu(a.status + kStatusCode) != kKernelOk) return false;
+    const unsigned long long now = global_timer_ns();
+    if (first_check_ns == 0) {
+      first_check_ns = now;
+    } else if (now - first_check_ns > a.barrier_timeout_ns) {
+      record_barrier_timeout(a, generation, counter);
+      return false;
+    }
+  }
+  __threadfence();
+  return true;
+}
+
 // Grid-wide barrier over a monotonically increasing arrival counter (zeroed before the launch):
 // barrier number `generation` (1, 2, ...) completes when all blocks have arrived `generation` times.
-// Needs every block co-resident, which the cooperative launch guarantees.
-__device__ __forceinline__ void grid_barrier(const KernelArgs& a, unsigned int generation) {
+// Needs every block co-resident, which the cooperative launch guarantees; the wait is bounded all
+// the same, so a broken guarantee ends the launch with a status instead of hanging the GPU.
+// Returns false when the launch is being abandoned; every thread of the block gets the same answer
+// and the block must return. (PRNN_BARRIER=cg's grid.sync() has no bound: it is a diagnostic.)
+__device__ __forceinline__ bool grid_barrier(const KernelArgs& a, unsigned int generation) {
 #ifndef PRNN_HOST_EMULATION
   if (a.use_cg_barrier) {
     cooperative_groups::this_grid().sync();
-    return;
+    return true;
   }
 #endif
-#ifdef PRNN_HOST_EMULATION
-  (void)generation;
-  emulated_grid_sync();
-#else
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int target = generation * gridDim.x;
-    __threadfence();  // this block's writes (ordered before thread 0 by __syncthreads) go first
-    atomicAdd(a.barrier_counter, 1u);
-    while (load_acquire_gpu(a.barrier_counter) < target) {
-    }
-    __threadfence();
-  }
-  __syncthreads();
-#endif
+  int give_up = 0;
+  if (threadIdx.x == 0) give_up = !counter_barrier_wait(a, generation);
+  return !__syncthreads_or(give_up);
 }
 
 __device__ __forceinline__ int sequence_length(const KernelArgs& a, int n, int T) {
@@ -343,7 +396,7 @@ persistent_rnn_kernel(const Plan p, const KernelArgs a) {
       }
       __syncthreads();  // x_s and red_s are reused by the next chunk
     }
-    if (s + 1 < steps) grid_barrier(a, static_cast<unsigned int>(s + 1));
+    if (s + 1 < steps && !grid_barrier(a, static_cast<unsigned int>(s + 1))) return;  // timed out
   }
 }
 

@@ -64,6 +64,16 @@ int blocks_per_sm_for(const DeviceLimits& dev, int threads, int regs_per_thread,
   return static_cast<int>(blocks);
 }
 
+bool check_co_residency(const Plan& p, int resident_per_sm, int sm_count, char* reason, size_t len) {
+  if (resident_per_sm < 1 || static_cast<long long>(resident_per_sm) * sm_count < p.blocks) {
+    write_reason(reason, len,
+                 "%d blocks of %d threads with %d B shared memory cannot all be resident (%d per SM x %d SMs)",
+                 p.blocks, p.threads, p.smem_bytes, resident_per_sm, sm_count);
+    return false;
+  }
+  return true;
+}
+
 bool check_plan(const DeviceLimits& dev, const Plan& p, char* reason, size_t len) {
   const long long H = p.hidden;
   if (p.blocks != p.blocks_per_dir * p.directions) {
@@ -126,12 +136,7 @@ bool check_plan(const DeviceLimits& dev, const Plan& p, char* reason, size_t len
     write_reason(reason, len, "plan: %d blocks per SM recorded, %d allowed", p.blocks_per_sm, per_sm);
     return false;
   }
-  if (static_cast<long long>(p.blocks) > static_cast<long long>(dev.sm_count) * per_sm) {
-    write_reason(reason, len, "plan: %d blocks cannot all be resident (%d SMs x %d blocks per SM)",
-                 p.blocks, dev.sm_count, per_sm);
-    return false;
-  }
-  return true;
+  return check_co_residency(p, per_sm, dev.sm_count, reason, len);
 }
 
 bool make_plan(const DeviceLimits& dev, const ProblemShape& s, int regs_per_thread, Plan* out,

@@ -90,6 +90,12 @@ bool make_plan(const DeviceLimits& dev, const ProblemShape& shape, int regs_per_
 // Re-checks every budget of a plan against a device (used by make_plan, the runtime and tests).
 bool check_plan(const DeviceLimits& dev, const Plan& plan, char* reason, size_t reason_len);
 
+// Can the plan's whole grid be resident at once, given how many of its blocks fit on one SM
+// (`resident_per_sm`: the runtime's cudaOccupancyMaxActiveBlocksPerMultiprocessor for the kernel as
+// built, which knows its real registers) and the SMs the launch may use? The persistent kernel's
+// grid barrier needs every block running, so the API refuses such a grid before launching it.
+bool check_co_residency(const Plan& plan, int resident_per_sm, int sm_count, char* reason, size_t reason_len);
+
 // Co-resident blocks per SM for a kernel of this shape (the occupancy rule, host-side).
 int blocks_per_sm_for(const DeviceLimits& dev, int threads, int regs_per_thread, size_t smem_bytes);
 

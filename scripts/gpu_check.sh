@@ -63,7 +63,7 @@ if [ "${status_build%%,*}" = passed ]; then
   test_seconds=$(( $(left) - 200 )); [ "$test_seconds" -gt 220 ] && test_seconds=220; [ "$test_seconds" -lt 60 ] && test_seconds=60
   if timeout "$test_seconds" "$PY" -m pytest -p no:cacheprovider -q -rs -m "cuda or not slow" \
       --junitxml="$OUT/pytest.xml" tests/test_ops_cuda.py tests/test_model_cuda.py tests/test_ops_extension.py \
-      tests/test_ops_reference.py tests/test_csrc.py::test_c_program_on_gpu \
+      tests/test_ops_reference.py tests/test_ops_faults.py tests/test_csrc.py::test_c_program_on_gpu \
       >"$OUT/pytest.log" 2>&1; then
     status_tests=passed
   else

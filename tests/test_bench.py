@@ -1,14 +1,22 @@
 """`asr bench train` and `asr bench rnn` on the CPU at toy sizes: the JSON they write (what
 benchmarks/results/ holds) carries the command, the device, agreeing outputs and real timings."""
 
+import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from asr import cli
-from asr.bench import invocation
+from asr.bench import invocation, rnn
 from asr.ops import dispatch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_train_writes_a_complete_result(tmp_path, monkeypatch):
@@ -47,6 +55,67 @@ def test_bench_rnn_quick_sweep_on_cpu(tmp_path, monkeypatch):
     rows = {(r["backend"], r["batch"]) for r in report["results"]}
     assert rows == {(b, n) for b in ("reference", "persistent") for n in (1, 2)}
     assert all(r["us_per_step"] and r["us_per_step"] > 0 for r in report["results"])
+    assert report["complete"] is True
+
+
+def test_bench_rnn_on_cpu_labels_torch_rnn_for_what_it_is(tmp_path, monkeypatch, capsys):
+    """On the CPU the "cudnn" backend is torch.nn.RNN's CPU loop; table and JSON must say so."""
+    out = tmp_path / "rnn.json"
+    argv = ["bench", "rnn", "--device", "cpu", "--backends", "cudnn,persistent", "--hidden", "8", "--batch", "1",
+            "--time-steps", "3", "--modes", "fwd", "--max-repeats", "2", "--out", str(out), "--no-plot"]
+    monkeypatch.setattr(sys, "argv", ["asr", *argv])
+    assert cli.main(argv) == 0
+    labels = {r["backend"]: r["label"] for r in json.loads(out.read_text())["results"]}
+    assert labels == {"cudnn": "torch.nn.RNN (cpu)", "persistent": "persistent (C++ cpu loop)"}
+    table = capsys.readouterr().out.splitlines()
+    header = next(line for line in table if line.startswith("backend"))
+    rows = [line for line in table if line.startswith(("torch.nn.RNN", "persistent", "cudnn"))]
+    assert "x nn.RNN" in header and "cuDNN" not in header
+    assert len(rows) == 2 and not any(line.startswith("cudnn") for line in rows), table
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    rnn.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_bench_rnn_defaults_to_a_small_set_on_cpu():
+    """The GPU sweep (5 hidden sizes x 7 batches x 3 dtypes at T=200) takes hours on a CPU."""
+    cpu = rnn.problem_set(_bench_args(), "cpu")
+    assert cpu == dict(rnn.CPU_DEFAULT)
+    assert len(cpu["hidden"]) * len(cpu["batch"]) <= 3 and cpu["time_steps"] <= 50
+    gpu = rnn.problem_set(_bench_args(), "cuda")
+    assert gpu == dict(hidden=rnn.HIDDEN_SIZES, batch=rnn.BATCH_SIZES, time_steps=rnn.TIME_STEPS, dtype=rnn.DTYPES)
+    explicit = rnn.problem_set(_bench_args("--hidden", "1152", "--time-steps", "200"), "cpu")
+    assert explicit["hidden"] == (1152,) and explicit["time_steps"] == 200  # explicit options win
+
+
+def test_bench_rnn_interrupted_run_keeps_what_it_measured(tmp_path):
+    """Ctrl-C mid-sweep: the JSON on disk holds the configurations measured so far."""
+    out = tmp_path / "rnn.json"
+    batches = ",".join(str(n) for n in range(1, 301))  # seconds of work: the interrupt lands mid-sweep
+    cmd = [sys.executable, "-m", "asr.cli", "bench", "rnn", "--device", "cpu", "--backends", "reference",
+           "--hidden", "32", "--batch", batches, "--time-steps", "200", "--modes", "fwd", "--max-repeats", "5",
+           "--out", str(out), "--no-plot"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not out.exists():
+            assert proc.poll() is None, "the sweep ended without writing anything before it finished"
+            assert time.monotonic() < deadline, "nothing written after 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert 1 <= len(report["results"]) < 300
+    assert all(r["us_per_step"] > 0 for r in report["results"])
+    assert "interrupted" in stderr and f"keeps the {len(report['results'])} measurements" in stderr
 
 
 @pytest.mark.parametrize("argv0, expected", [

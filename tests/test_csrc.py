@@ -160,7 +160,8 @@ def test_kernels_compile_and_c_test_links(built):
         symbols = run([nm, "-D", "--defined-only", str(built["lib"])], timeout=60).stdout
         for name in ("prnnForward", "prnnBackwardData", "prnnCheckSupport", "prnnForwardWorkspaceSize",
                      "prnnBackwardDataWorkspaceSize", "prnnMeasureBarrier", "prnnStatusString",
-                     "prnnLastErrorMessage"):
+                     "prnnLastErrorMessage", "prnnWorkspaceStatus", "prnnWorkspaceStatusAsync",
+                     "prnnStatusFromRecord"):
             assert re.search(rf"\bT {name}$", symbols, re.M), f"{name} not exported (extern \"C\")"
     # With every GPU hidden the program must say so and exit with its no-GPU status.
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from asr.errors import UserError
-from asr.ops import build, custom_op, dispatch, recurrence
+from asr.ops import PersistentKernelError, build, check_status, custom_op, dispatch, recurrence
 
 pytestmark = pytest.mark.cuda
 REPO = Path(__file__).resolve().parents[1]
@@ -191,3 +191,94 @@ def test_cudnn_backend_matches_reference_on_gpu(gpu):
 def test_barrier_microbenchmark(gpu):
     microseconds = custom_op.ops().measure_barrier(gpu.index or 0, 0, 2000)
     assert 0.0 < microseconds < 1000.0
+
+
+@pytest.mark.parametrize("fault", ["timeout", "launch", "timeout:backward"])
+def test_kernel_failure_under_auto_falls_back_on_gpu(gpu, monkeypatch, caplog, fault):
+    """PRNN_FAULT on the real kernel: "timeout" makes one block skip the grid barriers, so the others
+    give up after PRNN_BARRIER_TIMEOUT_MS instead of hanging; auto then logs one warning and returns
+    cuDNN's result (gradients included); persistent raises; the context stays usable. PRNN_SYNC_CHECK=1:
+    each call checks its own launch, so the timeout is raised by the call that caused it (by default
+    it is reported late: test_timeout_is_reported_late_without_sync_check)."""
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    monkeypatch.setattr(dispatch, "_logged_fallbacks", set())
+    monkeypatch.setattr(dispatch, "_failed_devices", {})
+    monkeypatch.setenv("PRNN_SYNC_CHECK", "1")
+    assert custom_op.ops().status_check_mode() == "sync"
+    u, w, h0, dy, dh, lengths = _problem(256, 4, 20, 2, True, "tanh", torch.float32, gpu)
+    exact = _run("reference", *(t.double() if t.is_floating_point() else t for t in (u, w, h0, dy, dh, lengths)),
+                 "tanh")
+    monkeypatch.setenv("PRNN_FAULT", fault)
+    monkeypatch.setenv("PRNN_BARRIER_TIMEOUT_MS", "200")
+    with caplog.at_level("WARNING", logger="asr.ops.dispatch"):
+        got = _run("auto", u, w, h0, dy, dh, lengths, "tanh")
+    for a, b in zip(got, exact):
+        assert _relative_error(a, b) < 1e-4
+    warnings = [r.getMessage() for r in caplog.records if "failed at run time" in r.getMessage()]
+    assert len(warnings) == 1 and "falls back to 'cudnn'" in warnings[0], warnings
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    with pytest.raises(PersistentKernelError, match="PRNN_STATUS_(TIMEOUT|CUDA_ERROR)"):
+        _run("persistent", u, w, h0, dy, dh, lengths, "tanh")
+    monkeypatch.delenv("PRNN_FAULT")
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    for a, b in zip(_run("persistent", u, w, h0, dy, dh, lengths, "tanh"), exact):
+        assert _relative_error(a, b) < 1e-4
+
+
+def test_timeout_is_reported_late_without_sync_check(gpu, monkeypatch):
+    """The default, asynchronous status check: a timed-out launch returns (its outputs undefined), and
+    the failure is raised, once, by the first persistent call on the device after the kernel has
+    finished, or by check_status; under "auto" it raises too (no fallback result can repair outputs
+    already used) and the device's problems switch to cuDNN."""
+    if os.environ.get("PRNN_DEBUG") == "1":
+        pytest.skip("PRNN_DEBUG=1 checks every launch synchronously")
+    monkeypatch.delenv("PRNN_SYNC_CHECK", raising=False)
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    monkeypatch.setattr(dispatch, "_logged_fallbacks", set())
+    monkeypatch.setattr(dispatch, "_failed_devices", {})
+    assert custom_op.ops().status_check_mode() == "async"
+    u, w, h0, dy, dh, lengths = _problem(256, 4, 20, 2, True, "tanh", torch.float32, gpu)
+    exact = _run("reference", *(t.double() if t.is_floating_point() else t for t in (u, w, h0, dy, dh, lengths)),
+                 "tanh")
+    assert check_status(wait=True) == 0  # nothing left over from earlier tests
+    monkeypatch.setenv("PRNN_BARRIER_TIMEOUT_MS", "200")
+    late = (r"PRNN_STATUS_TIMEOUT: deferred: launch #\d+ \(recurrence_forward on cuda:\d+, T=20 N=4 D=2 H=256 "
+            r"Float tanh\) failed on the GPU after the call had returned: .*waited more than 200 ms at grid barrier")
+
+    # 1. The next call reports it, then runs normally (the failure is reported once).
+    monkeypatch.setenv("PRNN_FAULT", "timeout:forward")
+    recurrence(u, w, h0, lengths, "tanh", "persistent")  # returns: the check is in flight
+    torch.cuda.synchronize()  # the kernel has given up and its status copy has landed
+    monkeypatch.delenv("PRNN_FAULT")
+    with pytest.raises(PersistentKernelError, match="recurrence_forward: persistent kernel: " + late):
+        recurrence(u, w, h0, lengths, "tanh", "persistent")
+    for a, b in zip(_run("persistent", u, w, h0, dy, dh, lengths, "tanh"), exact):
+        assert _relative_error(a, b) < 1e-4
+
+    # 2. check_status(wait=True) reports it without synchronising anything else; nothing stays pending.
+    monkeypatch.setenv("PRNN_FAULT", "timeout:forward")
+    recurrence(u, w, h0, lengths, "tanh", "persistent")
+    monkeypatch.delenv("PRNN_FAULT")
+    with pytest.raises(PersistentKernelError, match="check_status: persistent kernel: " + late):
+        check_status(wait=True)
+    assert check_status(wait=True) == 0
+
+    # 3. A timed-out backward kernel is reported the same way, naming recurrence_backward_data.
+    monkeypatch.setenv("PRNN_FAULT", "timeout:backward")
+    _run("persistent", u, w, h0, dy, dh, lengths, "tanh")
+    monkeypatch.delenv("PRNN_FAULT")
+    with pytest.raises(PersistentKernelError, match=r"deferred: launch #\d+ \(recurrence_backward_data on cuda"):
+        check_status(wait=True)
+
+    # 4. Under "auto": raised, not hidden behind a fallback result; later calls take cuDNN.
+    monkeypatch.setenv("PRNN_FAULT", "timeout:forward")
+    recurrence(u, w, h0, lengths, "tanh", "auto")
+    torch.cuda.synchronize()
+    monkeypatch.delenv("PRNN_FAULT")
+    with pytest.raises(PersistentKernelError, match="takes the fallback for every problem on cuda"):
+        recurrence(u, w, h0, lengths, "tanh", "auto")
+    key = ("auto", "cuda", u.device.index, (20, 4, 2, 256), "tanh", torch.float32)
+    assert dispatch._decisions[key] == "cudnn"
+    for a, b in zip(_run("auto", u, w, h0, dy, dh, lengths, "tanh"), exact):
+        assert _relative_error(a, b) < 1e-4
+    assert check_status(wait=True) == 0

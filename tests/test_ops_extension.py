@@ -1,8 +1,10 @@
 """The C++ extension (CPU-only build here): ops register, the CPU implementation equals the
 reference and torch.nn.RNN, gradcheck, opcheck, torch.compile, and backend selection."""
 
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from asr import cli
 from asr.errors import UserError
 from asr.ops import build, custom_op, dispatch, recurrence
 from ops_cases import grads, make_rnn, op_from_rnn, random_problem, rnn_reference
@@ -27,6 +30,7 @@ def extension():
 def fresh_decisions(monkeypatch):
     monkeypatch.setattr(dispatch, "_decisions", {})
     monkeypatch.setattr(dispatch, "_logged_fallbacks", set())
+    monkeypatch.setattr(dispatch, "_failed_devices", {})
 
 
 def test_ops_register(extension):
@@ -207,6 +211,93 @@ def test_cuda_variant_builds_and_registers(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "CUDA kernels: yes" in result.stdout and "recurrence_backward_data" in result.stdout
+    # A later process with the CLI's environment (no arch list, no forced variant) that needs the op
+    # for CPU tensors reuses this build instead of compiling anything.
+    cli_env = _cli_environment()
+    code = "from asr.ops import build; e = build.load('cpu'); print(e.variant, e.arch_list)"
+    later = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env, capture_output=True, text=True,
+                           timeout=300)
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert later.stdout.split() == ["cuda", env["TORCH_CUDA_ARCH_LIST"]], later.stdout
+
+
+def _cli_environment(**extra) -> dict:
+    """The environment of a user's `asr` process: none of the variables the tests set for builds."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TORCH_CUDA_ARCH_LIST", "ASR_OPS_VARIANT", "ASR_TEST_CUDA_ARCH_LIST", "PRNN_FAULT")}
+    return dict(env, PYTHONPATH=str(REPO), **extra)
+
+
+def _python(code: str, env: dict) -> str:
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip()
+
+
+# What test_cuda_variant_builds_and_registers leaves behind, minus the minutes of nvcc: the build
+# directory for the tests' arch list, a library in it, and the stamp a finished build writes.
+_FAKE_TEST_BUILD = ("from asr.ops import build; d = build.build_directory('cuda', build.cuda_arch_list()); "
+                    "d.mkdir(parents=True); (d / 'asr_prnn_cuda.so').write_bytes(b''); "
+                    "build.record_build(d, 'cuda', build.cuda_arch_list()); print(d)")
+_CLI_CHOICE = "from asr.ops import build; print(build.cached_build(), build.variant_for('cpu'))"
+
+
+def test_a_cuda_build_made_by_the_tests_is_recognised_by_a_cli_process(tmp_path):
+    """The tests build the cuda variant for TORCH_CUDA_ARCH_LIST=9.0; a user's process (default arch
+    list) must still find it for CPU work instead of compiling the kernels again."""
+    if build.find_nvcc() is None:
+        pytest.skip("no nvcc: no cuda build is ever taken")
+    root = tmp_path / "ops"
+    made = _python(_FAKE_TEST_BUILD, _cli_environment(ASR_OPS_BUILD_DIR=str(root), TORCH_CUDA_ARCH_LIST="9.0"))
+    assert Path(made).parent == root
+    assert _python(_CLI_CHOICE, _cli_environment(ASR_OPS_BUILD_DIR=str(root))) == "('cuda', '9.0') cuda"
+
+
+def test_a_stale_cuda_build_is_not_taken_for_cpu_work(tmp_path):
+    """A cuda build older than the sources would be recompiled by nvcc on load: a CPU-only request
+    must take the quick CPU-only build instead."""
+    if build.find_nvcc() is None:
+        pytest.skip("no nvcc: no cuda build is ever taken")
+    csrc = tmp_path / "csrc"
+    shutil.copytree(build.CSRC_DIR, csrc, ignore=shutil.ignore_patterns("tests"))
+    env = _cli_environment(ASR_OPS_BUILD_DIR=str(tmp_path / "ops"), ASR_CSRC_DIR=str(csrc))
+    _python(_FAKE_TEST_BUILD, env)
+    assert _python(_CLI_CHOICE, env) == f"('cuda', '{build.DEFAULT_CUDA_ARCH_LIST}') cuda"
+    with open(csrc / "prnn_kernels.cuh", "a") as header:
+        header.write("// edited after the build\n")
+    assert _python(_CLI_CHOICE, env) == "None cpu"
+
+
+def test_ops_build_variant_cpu_builds_the_cpu_variant(tmp_path, extension):
+    """`asr ops build --variant cpu` with a current cuda build in the cache (and ASR_OPS_VARIANT=cuda)
+    still builds and loads the CPU-only variant. The toolkit is a stub whose nvcc fails, so that
+    taking the cuda variant would fail at once instead of compiling for minutes."""
+    root = tmp_path / "ops"
+    cpu_build = build.build_directory("cpu", None)
+    if cpu_build.is_dir():  # this module's build, copied: ninja finds it up to date
+        shutil.copytree(cpu_build, root / "cpu", symlinks=True)
+    toolkit = tmp_path / "cuda"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("#error not a real toolkit\n")
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\necho 'stub nvcc' >&2\nexit 1\n")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    env = _cli_environment(ASR_OPS_BUILD_DIR=str(root), CUDA_HOME=str(toolkit), ASR_OPS_VARIANT="cuda")
+    cuda_dir = _python(_FAKE_TEST_BUILD, env)
+    assert json.loads((Path(cuda_dir) / build.BUILD_STAMP).read_text())["variant"] == "cuda"
+    result = subprocess.run([sys.executable, "-m", "asr.cli", "ops", "build", "--variant", "cpu"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "ok: cpu extension" in result.stdout and "CUDA kernels: no" in result.stdout, result.stdout
+
+
+def test_ops_build_says_when_the_other_variant_is_already_loaded(extension, capsys):
+    other = "cuda" if extension.variant == "cpu" else "cpu"
+    assert cli.main(["ops", "build", "--variant", other]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the {extension.variant} build of the extension" in err and "already loaded in this process" in err
+    assert build.loaded() is extension
 
 
 def test_no_cuda_runtime_notice_is_silenced():

@@ -1,7 +1,7 @@
 """`asr bench rnn`: the recurrent op's backends side by side, per timestep and in TFLOP/s.
 
     asr bench rnn                                   # full sweep on the GPU (persistent, cudnn, reference)
-    asr bench rnn --device cpu --quick              # a quick sanity run on the CPU (C++ op vs torch.nn.RNN)
+    asr bench rnn --device cpu                      # on the CPU: a small set (C++ op vs torch.nn.RNN), ~1 min
     asr bench rnn --hidden 1152 --batch 4,64 --dtype float32,float16 --out benchmarks/results/rnn_h100.json
 
 Every configuration times all requested backends in the same process, one after another, so the
@@ -10,6 +10,12 @@ speedup over cuDNN (torch.nn.RNN's kernel) is measured in the same run. "fwd" is
 2*N*H^2 per step per direction; forward+backward counts three times that (forward, backward-data,
 dW). The cudnn backend also spends one input GEMM on u @ I (see asr/ops/cudnn.py); it is timed as
 part of cuDNN. Results: JSON, and a PNG plot when matplotlib is installed.
+
+On the CPU the backends are other things: "cudnn" is torch.nn.RNN's native CPU loop and
+"persistent" the extension's C++ loop, and tables, plots and the JSON label them so (`label`).
+The full sweep would take hours there, so without explicit sizes a CPU run measures CPU_DEFAULT.
+The JSON is rewritten (atomically) after every configuration, with "complete": false until the
+sweep ends, so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 
 from asr.bench import invocation
 from asr.errors import UserError
+from asr.fileio import atomic_write_text
 
 HIDDEN_SIZES = (512, 1152, 1760, 2048, 2560)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -35,6 +42,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("persistent", "cudnn", "reference")
 MODES = ("fwd", "fwdbwd")
 QUICK = dict(hidden=(256,), batch=(1, 4, 16), time_steps=50, dtype=("float32",))  # --quick
+CPU_DEFAULT = QUICK  # a CPU run without explicit sizes: minutes, not the hours of the GPU sweep
+CPU_LABELS = {"cudnn": "torch.nn.RNN (cpu)", "persistent": "persistent (C++ cpu loop)", "reference": "reference (cpu)"}
 TARGET_SECONDS_PER_CONFIG = 0.15  # timed repetitions stop after about this long (after warm-up)
 MIN_REPEATS = 5
 MAX_REPEATS = 50
@@ -54,8 +63,14 @@ class Measurement:
     us_per_step: float | None  # median wall time / time_steps, microseconds
     tflops: float | None  # achieved, by the FLOP model in the module docstring
     repeats: int  # timed runs behind the median
-    speedup_over_cudnn: float | None = None  # cudnn time / this time, same run
+    speedup_over_cudnn: float | None = None  # cudnn time / this time, same run (on the CPU: torch.nn.RNN's)
     error: str | None = None  # why this backend could not run the configuration
+    label: str | None = None  # what the backend is on this device, for tables and plots (None: the backend)
+
+
+def backend_label(backend: str, device_type: str) -> str:
+    """On the CPU "cudnn" is torch.nn.RNN's CPU loop, not cuDNN: say what ran."""
+    return CPU_LABELS.get(backend, backend) if device_type == "cpu" else backend
 
 
 def _csv(kind):
@@ -79,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--directions", type=int, choices=(1, 2), default=1)
     parser.add_argument("--activation", default="relu", choices=("relu", "tanh"))
     parser.add_argument("--quick", action="store_true",
-                        help="hidden 256, batch 1,4,16, T=50, float32 (explicit options still win)")
+                        help="hidden 256, batch 1,4,16, T=50, float32 (explicit options still win; the CPU default)")
     parser.add_argument("--max-repeats", type=int, default=MAX_REPEATS)
     parser.add_argument("--budget-seconds", type=float, default=None,
                         help="stop measuring after this long; the configurations left are listed as not run")
@@ -141,7 +156,7 @@ def measure(backend, mode, dtype_name, hidden, batch, time_steps, directions, ac
     u = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     w = (torch.randn(w_shape, generator=generator) * (0.5 / math.sqrt(hidden))).to(device=device, dtype=dtype)
     base = dict(backend=backend, mode=mode, dtype=dtype_name, hidden=hidden, batch=batch, time_steps=time_steps,
-                directions=directions)
+                directions=directions, label=backend_label(backend, device.type))
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -175,15 +190,19 @@ def _with_speedups(measurements: list[Measurement]) -> list[Measurement]:
     return out
 
 
-def print_table(measurements: list[Measurement], file=sys.stdout) -> None:
-    print(f"{'backend':<11}{'mode':<7}{'dtype':<9}{'H':>6}{'N':>4}{'us/step':>11}{'TFLOP/s':>9}{'x cuDNN':>9}",
+def print_table(measurements: list[Measurement], file=None) -> None:
+    file = file or sys.stdout  # looked up per call: a default argument would pin the stdout of import time
+    labels = [m.label or m.backend for m in measurements]
+    width = max([len("backend"), *map(len, labels)]) + 2
+    baseline = "x nn.RNN" if any(m.label == CPU_LABELS["cudnn"] for m in measurements) else "x cuDNN"
+    print(f"{'backend':<{width}}{'mode':<7}{'dtype':<9}{'H':>6}{'N':>4}{'us/step':>11}{'TFLOP/s':>9}{baseline:>9}",
           file=file)
-    for m in measurements:
+    for m, label in zip(measurements, labels):
         if m.error:
-            print(f"{m.backend:<11}{m.mode:<7}{m.dtype:<9}{m.hidden:>6}{m.batch:>4}  n/a: {m.error[:70]}", file=file)
+            print(f"{label:<{width}}{m.mode:<7}{m.dtype:<9}{m.hidden:>6}{m.batch:>4}  n/a: {m.error[:70]}", file=file)
             continue
         speedup = f"{m.speedup_over_cudnn:.2f}" if m.speedup_over_cudnn else "-"
-        print(f"{m.backend:<11}{m.mode:<7}{m.dtype:<9}{m.hidden:>6}{m.batch:>4}{m.us_per_step:>11.1f}"
+        print(f"{label:<{width}}{m.mode:<7}{m.dtype:<9}{m.hidden:>6}{m.batch:>4}{m.us_per_step:>11.1f}"
               f"{m.tflops:>9.3f}{speedup:>9}", file=file)
 
 
@@ -211,8 +230,9 @@ def plot(measurements: list[Measurement], path: Path, title: str) -> str | None:
                     points = sorted((m.batch, m.tflops) for m in measurements if m.tflops and m.dtype == dtype and
                                     m.mode == mode and m.hidden == hidden and m.backend == backend)
                     if points:
+                        label = next(m.label or m.backend for m in measurements if m.backend == backend)
                         axis.plot(*zip(*points), style, marker="o", markersize=3, color=colors[ci % len(colors)],
-                                  label=f"{backend} H={hidden}")
+                                  label=f"{label} H={hidden}")
             axis.set_xscale("log", base=2)
             axis.set_xlabel("batch")
             axis.set_ylabel("TFLOP/s")
@@ -226,17 +246,27 @@ def plot(measurements: list[Measurement], path: Path, title: str) -> str | None:
     return None
 
 
-def run_sweep(args) -> dict:
+def problem_set(args, device_type: str) -> dict:
+    """Sizes to measure: explicit options, else --quick's (also a CPU run's default), else the GPU sweep."""
+    small = QUICK if args.quick else CPU_DEFAULT if device_type == "cpu" else {}
+    return dict(
+        hidden=args.hidden or small.get("hidden", HIDDEN_SIZES),
+        batch=args.batch or small.get("batch", BATCH_SIZES),
+        time_steps=args.time_steps or small.get("time_steps", TIME_STEPS),
+        dtype=args.dtype or small.get("dtype", DTYPES if device_type == "cuda" else ("float32",)),
+    )
+
+
+def run_sweep(args, on_progress=None) -> dict:
+    """Measures every configuration; on_progress(report) after each one, with the report so far
+    ("complete": false), so that the caller can save it."""
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible")
-    quick = QUICK if args.quick else {}
-    hiddens = args.hidden or quick.get("hidden", HIDDEN_SIZES)
-    batches = args.batch or quick.get("batch", BATCH_SIZES)
-    time_steps = args.time_steps or quick.get("time_steps", TIME_STEPS)
-    dtypes = args.dtype or quick.get("dtype", DTYPES if device.type == "cuda" else ("float32",))
+    sizes = problem_set(args, device.type)
+    hiddens, batches, time_steps, dtypes = sizes["hidden"], sizes["batch"], sizes["time_steps"], sizes["dtype"]
     for name, values, allowed in (("--backends", args.backends, BACKENDS), ("--dtype", dtypes, DTYPES),
                                   ("--modes", args.modes, MODES)):
         bad = [v for v in values if v not in allowed]
@@ -245,10 +275,38 @@ def run_sweep(args) -> dict:
     if min(hiddens + batches) < 1 or time_steps < 1:
         raise UserError("--hidden, --batch and --time-steps must be positive")
     name = device_name(device)
+    configs = len(dtypes) * len(args.modes) * len(hiddens) * len(batches)
     print(f"asr bench rnn: {name}, T={time_steps}, D={args.directions}, {args.activation}, "
-          f"backends {','.join(args.backends)}", flush=True)
+          f"backends {','.join(backend_label(b, device.type) for b in args.backends)}; {configs} configurations "
+          f"(H {','.join(map(str, hiddens))}; N {','.join(map(str, batches))}; {','.join(dtypes)})", flush=True)
+    if device.type == "cpu" and not (args.hidden or args.batch or args.time_steps or args.dtype or args.quick):
+        print("  (the CPU default is the small --quick set; --hidden/--batch/--time-steps/--dtype choose others)",
+              flush=True)
     measurements = []
     started = time.perf_counter()
+    from asr.ops import build
+
+    def report(complete: bool) -> dict:
+        ext = build.loaded()
+        return dict(
+            command=invocation(),
+            device=name,
+            device_type=device.type,
+            torch=torch.__version__,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            extension=None if ext is None else dict(variant=ext.variant, arch_list=ext.arch_list),
+            activation=args.activation,
+            directions=args.directions,
+            time_steps=time_steps,
+            flop_model="forward: 2*N*H^2 per step per direction; fwdbwd: 3x forward (forward, backward-data, dW)",
+            seconds=time.perf_counter() - started,
+            complete=complete,
+            results=[asdict(m) for m in _with_speedups(measurements)],
+        )
+
     for dtype in dtypes:
         for mode in args.modes:
             for hidden in hiddens:
@@ -257,43 +315,38 @@ def run_sweep(args) -> dict:
                         if args.budget_seconds is not None and time.perf_counter() - started > args.budget_seconds:
                             measurements.append(Measurement(backend, mode, dtype, hidden, batch, time_steps,
                                                             args.directions, None, None, 0,
-                                                            error=f"not run: --budget-seconds {args.budget_seconds:g} spent"))
+                                                            error=f"not run: --budget-seconds {args.budget_seconds:g} spent",
+                                                            label=backend_label(backend, device.type)))
                             continue
                         measurements.append(measure(backend, mode, dtype, hidden, batch, time_steps, args.directions,
                                                     args.activation, device, args.max_repeats))
                     done = measurements[-len(args.backends):]
                     print("  " + f"{dtype} {mode} H={hidden} N={batch}: " + ", ".join(
-                        f"{m.backend} {m.us_per_step:.1f} us/step" if m.us_per_step else f"{m.backend} n/a"
+                        f"{m.label} {m.us_per_step:.1f} us/step" if m.us_per_step else f"{m.label} n/a"
                         for m in done), flush=True)
-    measurements = _with_speedups(measurements)
-    from asr.ops import build
-
-    ext = build.loaded()
-    return dict(
-        command=invocation(),
-        device=name,
-        device_type=device.type,
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
-        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-        matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-        extension=None if ext is None else dict(variant=ext.variant, arch_list=ext.arch_list),
-        activation=args.activation,
-        directions=args.directions,
-        time_steps=time_steps,
-        flop_model="forward: 2*N*H^2 per step per direction; fwdbwd: 3x forward (forward, backward-data, dW)",
-        seconds=time.perf_counter() - started,
-        results=[asdict(m) for m in measurements],
-    )
+                    if on_progress is not None:
+                        on_progress(report(complete=False))
+    return report(complete=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = run_sweep(args)
+    written: dict = {}
+
+    def save(report: dict) -> None:
+        out = args.out or RESULTS_DIR / f"rnn_{_slug(report['device'])}.json"
+        atomic_write_text(out, json.dumps(report, indent=1) + "\n")
+        written.update(path=out, count=len(report["results"]))
+
+    try:
+        report = run_sweep(args, on_progress=save)
+    except KeyboardInterrupt:
+        if written:
+            print(f"interrupted: {written['path']} keeps the {written['count']} measurements made so far "
+                  f"(\"complete\": false)", file=sys.stderr)
+        raise
+    save(report)
+    out = written["path"]
     measurements = [Measurement(**r) for r in report["results"]]
-    out = args.out or RESULTS_DIR / f"rnn_{_slug(report['device'])}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
     print_table(measurements)
     print(f"wrote {out} ({report['seconds']:.0f} s of measurements)")
     if not args.no_plot:

@@ -6,15 +6,21 @@ Two variants of one extension, both defining the ops of namespace `asr_prnn`:
         architectures in TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"); has the CPU implementation too.
   cpu   csrc/torch_binding.cpp alone with -DPRNN_CPU_ONLY: a plain C++ compile, no nvcc.
 Whether nvcc exists decides what can be built; whether a GPU is visible never matters. Builds are
-cached under build/ops/ (ASR_OPS_BUILD_DIR overrides) and rebuilt only when sources or flags change.
+cached under build/ops/ (ASR_OPS_BUILD_DIR overrides): cpu/ and one cuda-<hash>/ per arch list,
+rebuilt only when sources or flags change. Each finished build leaves a stamp (BUILD_STAMP: a key
+over the sources, headers, flags, arch list and torch version) so that a later process can tell,
+without compiling, whether a cached build is current.
 Only one variant can live in a process (both register the same op names): the first load wins,
-and the cuda variant also serves every CPU request.
+and the cuda variant also serves every CPU request. A CPU request takes a current cuda build of
+any arch list (its CPU implementation is the same; the tests build for one architecture, the CLI
+defaults to two), else the CPU-only build; it never waits for nvcc.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -33,6 +39,7 @@ VARIANT_ENV = "ASR_OPS_VARIANT"  # force "cpu" or "cuda" for every load
 VARIANTS = ("cpu", "cuda")
 HOST_FLAGS = ["-O3", "-std=c++17"]
 CUDA_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+BUILD_STAMP = "asr-build.json"  # in each build directory: {"key", "variant", "arch_list"}
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +112,70 @@ def _extension_name(variant: str) -> str:
     return f"asr_prnn_{variant}"
 
 
+def _inputs(variant: str) -> list[Path]:
+    """Every file a build of `variant` reads from csrc/: its sources and the headers they include."""
+    headers = sorted(p for pattern in ("*.h", "*.cuh") for p in CSRC_DIR.glob(pattern))
+    return [*sources(variant), *headers]
+
+
+def build_key(variant: str, arch_list: str | None) -> str:
+    """What a build's result depends on; equal keys mean a cached build needs no compile."""
+    import torch
+
+    digest = hashlib.sha256()
+    flags = [variant, arch_list or "", *HOST_FLAGS, *CUDA_FLAGS, torch.__version__]
+    digest.update(json.dumps(flags).encode())
+    for path in _inputs(variant):
+        digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
+def record_build(directory: Path, variant: str, arch_list: str | None) -> None:
+    """Stamp a finished build so that later processes recognise it (see cached_build)."""
+    stamp = dict(key=build_key(variant, arch_list), variant=variant, arch_list=arch_list)
+    (directory / BUILD_STAMP).write_text(json.dumps(stamp) + "\n")
+
+
+def _is_current(directory: Path) -> dict | None:
+    """The stamp of a build in `directory` that is current (same key, library newer than every
+    input, which is what keeps ninja from recompiling it), else None."""
+    try:
+        stamp = json.loads((directory / BUILD_STAMP).read_text())
+        variant, arch_list = stamp["variant"], stamp["arch_list"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    libraries = list(directory.glob(f"{_extension_name(variant)}*.so"))  # cpp_extension adds _v1... on rebuilds
+    if variant not in VARIANTS or not libraries or stamp.get("key") != build_key(variant, arch_list):
+        return None
+    newest_input = max((p.stat().st_mtime for p in _inputs(variant) if p.is_file()), default=0.0)
+    if max(p.stat().st_mtime for p in libraries) < newest_input:
+        return None
+    return stamp
+
+
+def cached_build() -> tuple[str, str | None] | None:
+    """(variant, arch list) of a current cuda build in the cache, without compiling: the one for
+    TORCH_CUDA_ARCH_LIST first, else the most recent of any arch list. None without nvcc."""
+    if find_nvcc() is None:
+        return None
+    preferred = build_directory("cuda", cuda_arch_list())
+    others = sorted(BUILD_ROOT.glob("cuda-*"), key=lambda d: d.stat().st_mtime, reverse=True) if BUILD_ROOT.is_dir() else []
+    for directory in [preferred, *[d for d in others if d != preferred]]:
+        stamp = _is_current(directory)
+        if stamp is not None and stamp["variant"] == "cuda" and directory == build_directory("cuda", stamp["arch_list"]):
+            return "cuda", stamp["arch_list"]
+    return None
+
+
 def loaded() -> LoadedExtension | None:
     return _loaded
 
 
 def cached_variant() -> str | None:
-    """A variant whose library is already built in the cache (cuda first), without compiling."""
-    if find_nvcc() is not None:
-        directory = build_directory("cuda", cuda_arch_list())
-        if any(directory.glob(f"{_extension_name('cuda')}*.so")):  # cpp_extension adds _v1, _v2... on rebuilds
-            return "cuda"
-    return None
+    """A variant whose library is already built, and current, in the cache (cuda only), without compiling."""
+    found = cached_build()
+    return found[0] if found else None
 
 
 def variant_for(device_type: str) -> str:
@@ -141,21 +201,22 @@ def default_variant() -> str:
     return "cuda" if find_nvcc() is not None else "cpu"
 
 
-def _compile_and_load(variant: str, verbose: bool) -> LoadedExtension:
+def _compile_and_load(variant: str, verbose: bool, arch_list: str | None = None) -> LoadedExtension:
+    """Build (if needed) and load `variant`; arch_list: the cuda build's (default cuda_arch_list())."""
     from torch.utils import cpp_extension
 
     missing = [str(p) for p in sources(variant) if not p.is_file()]
     if missing:
         raise ExtensionUnavailable(f"missing sources: {', '.join(missing)}")
-    arch_list = None
     extra_cflags = list(HOST_FLAGS)
     if variant == "cuda":
         if find_nvcc() is None:
             raise ExtensionUnavailable("the cuda variant needs nvcc, and none was found (CUDA_HOME, PATH, /usr/local/cuda)")
         if not any(p.suffix == ".cu" for p in sources(variant)):
             raise ExtensionUnavailable(f"no csrc/prnn_*.cu kernels found under {CSRC_DIR}")
-        arch_list = cuda_arch_list()
+        arch_list = arch_list or cuda_arch_list()
     else:
+        arch_list = None
         extra_cflags.append("-DPRNN_CPU_ONLY")
     directory = build_directory(variant, arch_list)
     directory.mkdir(parents=True, exist_ok=True)
@@ -189,23 +250,37 @@ def _compile_and_load(variant: str, verbose: bool) -> LoadedExtension:
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = saved
     seconds = time.perf_counter() - start
+    record_build(directory, variant, arch_list)
     return LoadedExtension(variant, str(library or directory), arch_list, seconds)
 
 
-def load(variant: str | None = None, verbose: bool = False) -> LoadedExtension:
+def load(variant: str | None = None, verbose: bool = False, exact: bool = False) -> LoadedExtension:
     """Load (building first if needed) the extension and register its Python parts.
 
     variant: "cuda" (needs the CUDA kernels), "cpu" (any build will do, the cuda variant has the
     CPU implementation too: see variant_for), or None (ASR_OPS_VARIANT, else cuda when nvcc
     exists, else cpu).
+    exact: load exactly `variant` (`asr ops build --variant`), ignoring ASR_OPS_VARIANT and cached
+    cuda builds; fails if the other variant is already loaded in this process.
     Raises ExtensionUnavailable with the reason when that cannot be done in this process.
     """
     global _loaded
     wanted = variant or default_variant()
-    if wanted == "cpu":
+    arch_list = None
+    if exact:
+        if wanted not in VARIANTS:
+            raise ExtensionUnavailable(f"unknown variant {wanted!r}: choose from {VARIANTS}")
+    elif wanted == "cpu":
         wanted = variant_for("cpu")  # a CPU request takes what is loaded, forced or already built
+        found = cached_build() if wanted == "cuda" and _loaded is None else None
+        arch_list = found[1] if found else None
     with _lock:
         if _loaded is not None:
+            if exact and _loaded.variant != wanted:
+                raise ExtensionUnavailable(
+                    f"the {_loaded.variant} build of the extension ({_loaded.library}) is already loaded in this "
+                    f"process, and the {wanted} build cannot be loaded beside it (both define the asr_prnn ops); "
+                    f"build it in a fresh process: asr ops build --variant {wanted}")
             if wanted == "cuda" and _loaded.variant != "cuda":
                 raise ExtensionUnavailable(
                     "the CPU-only build of the extension is already loaded in this process; the CUDA build cannot "
@@ -214,7 +289,7 @@ def load(variant: str | None = None, verbose: bool = False) -> LoadedExtension:
         if wanted in _failures:
             raise ExtensionUnavailable(_failures[wanted])
         try:
-            _loaded = _compile_and_load(wanted, verbose)
+            _loaded = _compile_and_load(wanted, verbose, arch_list)
         except ExtensionUnavailable as err:
             _failures[wanted] = str(err)
             raise
@@ -243,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("building the CPU-only extension (no nvcc)" if find_nvcc() is None else "building the CPU-only extension")
     try:
-        ext = load(variant, verbose=args.verbose)
+        ext = load(variant, verbose=args.verbose, exact=True)
     except ExtensionUnavailable as err:
         raise UserError(str(err)) from err
     from asr.ops import custom_op

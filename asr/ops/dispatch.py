@@ -2,16 +2,32 @@
 
 Every backend sees canonical shapes: u (T, N, D, H), w_hh (D, H, H), h0 (N, D, H), lengths (N,)
 int64. One-direction calls (u of rank 3) are lifted to D=1 here and squeezed back on return.
+
+Run-time failures of the persistent op (its planner refuses at launch, the launch fails, a grid
+barrier times out; see csrc/torch_binding.cpp): under "auto" the call logs one warning with the
+reason, switches its problem to the fallback (cudnn, or reference for clipped_relu) for this and
+every later call, and returns the fallback's result. A failure in the backward of a forward made
+under "auto" does the same for the gradients (custom_op.backward_fallback). Under "persistent" both
+raise PersistentKernelError. Compiled graphs (torch.compile) get no run-time fallback: they raise.
+
+A grid-barrier timeout is, by default, reported late: at the next persistent call on the device or
+at check_status() (csrc/torch_binding.cpp, "Status checks"; PRNN_SYNC_CHECK=1 reports it at the
+call that caused it, and then it falls back as above). A late report is about an earlier call whose
+outputs have been used since, so no fallback result can repair it: it raises PersistentKernelError
+under every backend, and under "auto" every problem on that device takes its fallback from then on
+(a caller that catches the error and redoes the step gets the fallback).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
 from asr.errors import UserError
 from asr.ops import build, custom_op
+from asr.ops.custom_op import PersistentKernelError, deferred_error, is_deferred, kernel_failure_reason
 from asr.ops.cudnn import recurrence_cudnn, unsupported_reason as cudnn_unsupported_reason
 from asr.ops.reference import ACTIVATIONS, recurrence_reference
 
@@ -69,6 +85,7 @@ def _canonical(u, w_hh, h0, lengths):
 
 _decisions: dict[tuple, str] = {}
 _logged_fallbacks: set[str] = set()
+_failed_devices: dict[tuple, str] = {}  # (device type, index) -> the deferred failure that switched it
 
 
 def persistent_unavailable_reason(device_type: str, device_index: int | None, shape: tuple, activation: str,
@@ -89,6 +106,59 @@ def persistent_unavailable_reason(device_type: str, device_index: int | None, sh
     except RuntimeError as err:  # the C API could not answer (a CUDA error): say so, do not crash
         return f"the support query failed: {err}"
     return None if supported else (reason or "the persistent kernel does not support this problem")
+
+
+def _fallback_backend(activation: str) -> str:
+    return "cudnn" if cudnn_unsupported_reason(activation, None) is None else "reference"
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_fallbacks:
+        _logged_fallbacks.add(message)
+        log.warning(message)
+
+
+def fall_back_after_failure(key: tuple, reason: str) -> str:
+    """An "auto" problem whose persistent op failed at run time: from now on it takes the fallback.
+    Logs why (once per reason) and returns the fallback backend."""
+    _, device_type, _, shape, activation, _ = key
+    choice = _fallback_backend(activation)
+    _decisions[key] = choice
+    T, N, D, H = shape
+    _log_once(f"recurrence: backend 'auto' falls back to {choice!r} ({device_type}, T={T} N={N} D={D} H={H}, "
+              f"{activation}): the persistent op failed at run time: {reason}")
+    return choice
+
+
+def fall_back_device_after_deferred_failure(device_type: str, device_index: int | None, reason: str) -> None:
+    """A persistent launch on this device failed and was reported late: every "auto" problem on the
+    device, decided or not, takes its fallback from now on. Logs why once."""
+    _failed_devices[(device_type, device_index)] = reason
+    for key, choice in list(_decisions.items()):
+        if key[0] == "auto" and key[1] == device_type and key[2] == device_index and choice == "persistent":
+            _decisions[key] = _fallback_backend(key[4])
+    where = device_type if device_index is None else f"{device_type}:{device_index}"
+    _log_once(f"recurrence: backend 'auto' falls back for every problem on {where}: a persistent launch failed at "
+              f"run time and was reported late: {reason}")
+
+
+def check_status(device: torch.device | int | None = None, wait: bool = False) -> int:
+    """Raise PersistentKernelError if a persistent launch (on `device`, default every device) has
+    failed and not been reported yet; wait=True first waits for every launch enqueued so far (their
+    status copies, not the whole stream), so that none is left unchecked. Returns how many launches
+    are still unchecked. Cheap without wait; nothing to do if the extension is not loaded."""
+    if build.loaded() is None:
+        return 0
+    index = -1 if device is None else (device if isinstance(device, int) else torch.device(device).index or 0)
+    try:
+        return int(custom_op.ops().check_status(index, wait))
+    except RuntimeError as err:
+        reason = kernel_failure_reason(err)
+        if reason is None:
+            raise
+        found = re.search(r" on cuda:(\d+),", reason)  # the report names the failed launch's device
+        failed = torch.device("cuda", int(found.group(1))) if found else None
+        raise deferred_error(reason, failed) from err
 
 
 def backends_used() -> list[str]:
@@ -115,18 +185,24 @@ def choose_backend(requested: str, device_type: str, device_index: int | None, s
         choice = "cudnn"
     else:
         reason = persistent_unavailable_reason(device_type, device_index, shape, activation, dtype)
+        if reason is None and requested == "auto" and (device_type, device_index) in _failed_devices:
+            reason = f"an earlier persistent launch on this device failed: {_failed_devices[device_type, device_index]}"
         if reason is None:
             choice = "persistent"
         elif requested == "persistent":
             raise UserError(f"recurrence: backend 'persistent' cannot run this call: {reason}")
         else:
-            choice = "cudnn" if cudnn_unsupported_reason(activation, None) is None else "reference"
-            message = f"recurrence: backend 'auto' falls back to {choice!r} ({device_type}): {reason}"
-            if message not in _logged_fallbacks:
-                _logged_fallbacks.add(message)
-                log.warning(message)
+            choice = _fallback_backend(activation)
+            _log_once(f"recurrence: backend 'auto' falls back to {choice!r} ({device_type}): {reason}")
     _decisions[key] = choice
     return choice
+
+
+def _run_persistent(key, u, w_hh, h0, lengths, activation):
+    if key[0] != "auto":
+        return custom_op.ops().recurrence_forward(u, w_hh, h0, lengths, activation)
+    with custom_op.backward_fallback(lambda reason: fall_back_after_failure(key, reason)):
+        return custom_op.ops().recurrence_forward(u, w_hh, h0, lengths, activation)
 
 
 def _describe(x) -> str:
@@ -163,12 +239,26 @@ def recurrence(
         raise UserError(f"recurrence: backend must be one of {BACKENDS}, got {backend!r}")
     full_length = lengths is None
     u4, w3, h03, lengths, single_direction = _canonical(u, w_hh, h0, lengths)
-    chosen = choose_backend(backend, u4.device.type, u4.device.index, tuple(u4.shape), activation, u4.dtype)
+    key = (backend, u4.device.type, u4.device.index, tuple(u4.shape), activation, u4.dtype)
+    chosen = choose_backend(*key)
     if chosen == "persistent":
-        y, h_last = custom_op.ops().recurrence_forward(u4, w3, h03, lengths, activation)
-    elif chosen == "cudnn":
+        if torch.compiler.is_compiling():  # a graph has no run-time fallback (and no try/except to trace)
+            y, h_last = custom_op.ops().recurrence_forward(u4, w3, h03, lengths, activation)
+        else:
+            try:
+                y, h_last = _run_persistent(key, u4, w3, h03, lengths, activation)
+            except RuntimeError as err:
+                reason = kernel_failure_reason(err)
+                if reason is None or isinstance(err, PersistentKernelError):
+                    raise
+                if is_deferred(reason):  # an earlier call's outputs, already used: no fallback result helps
+                    raise deferred_error(reason, u4.device if backend == "auto" else None) from err
+                if backend != "auto":
+                    raise PersistentKernelError(f"recurrence: backend 'persistent' failed at run time: {reason}") from err
+                chosen = fall_back_after_failure(key, reason)
+    if chosen == "cudnn":
         y, h_last = recurrence_cudnn(u4, w3, h03, lengths, activation, all_full_length=full_length)
-    else:
+    elif chosen == "reference":
         y, h_last = recurrence_reference(u4, w3, h03, lengths, activation)
     if single_direction:
         return y.squeeze(2), h_last.squeeze(1)  # (T, N, H), (N, H)

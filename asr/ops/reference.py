@@ -84,3 +84,55 @@ def recurrence_reference(
         ys.append(y_d)
         h_lasts.append(h_d)
     return torch.stack(ys, dim=2), torch.stack(h_lasts, dim=1)  # (T, N, D, H), (N, D, H)
+
+
+def activation_grad_from_output(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """act'(pre-activation) read from y = act(pre-activation), zero on the kinks (as the kernels do)."""
+    if activation == "relu":
+        return (y > 0).to(y.dtype)
+    if activation == "clipped_relu":
+        return ((y > 0) & (y < CLIP_CEILING)).to(y.dtype)
+    if activation == "tanh":
+        return 1 - y * y
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def backward_data_from_output(
+    w_hh: torch.Tensor,
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    dh_last: torch.Tensor,
+    lengths: torch.Tensor,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """du (T, N, D, H) and dh0 (N, D, H) from the forward output alone: the persistent op's
+    backward-data (`recurrence_backward_data`) in plain PyTorch, which is what its autograd falls
+    back to when that kernel fails under backend "auto" (u is not saved, so the oracle above cannot
+    be re-run). Canonical shapes; lengths int64 on y's device."""
+    T, N, D, H = y.shape
+    lengths = lengths.to(device=y.device, dtype=torch.long)
+    valid = (torch.arange(T, device=y.device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2)  # (T, N, 1)
+    is_last = (torch.arange(T, device=y.device).unsqueeze(1) == (lengths - 1).unsqueeze(0)).unsqueeze(2)  # (T, N, 1)
+    du = torch.zeros_like(y)
+    dh0 = torch.empty_like(dh_last)
+    for d in range(D):
+        # Direction 1 is direction 0 on each sequence reversed within its length (an involution).
+        index = reverse_within_lengths_index(lengths, T).unsqueeze(2).expand(T, N, H) if d == 1 else None  # (T, N, H)
+        y_d, dy_d = y[:, :, d], dy[:, :, d]
+        if index is not None:
+            y_d, dy_d = torch.gather(y_d, 0, index), torch.gather(dy_d, 0, index)
+        grad = activation_grad_from_output(y_d, activation) * valid  # (T, N, H), zero in the padding
+        carry = torch.zeros_like(dh_last[:, d])  # dL/dh_t from step t+1, (N, H)
+        steps = []
+        for t in range(T - 1, -1, -1):
+            dh = dy_d[t] + carry + is_last[t] * dh_last[:, d]
+            du_t = dh * grad[t]
+            steps.append(du_t)
+            carry = du_t @ w_hh[d]  # h_t = act(u_t + h_{t-1} W^T)  =>  dL/dh_{t-1} += du_t W
+        du_d = torch.stack(steps[::-1]) if steps else torch.zeros_like(y_d)  # (T, N, H)
+        if index is not None:
+            du_d = torch.gather(du_d, 0, index)
+        du[:, :, d] = du_d
+        empty = (lengths == 0).unsqueeze(1)  # (N, 1): never stepped, dh0 is dh_last itself
+        dh0[:, d] = torch.where(empty, dh_last[:, d], carry)
+    return du, dh0

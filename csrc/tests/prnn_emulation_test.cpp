@@ -1,12 +1,14 @@
 // prnn_emulation_test.cpp - runs the fp32 persistent kernels on CPU threads, against a CPU loop.
 //
 // The kernel template of prnn_kernels.cuh is compiled by g++ with a small shim (one POSIX thread
-// per CUDA thread, std::barrier for __syncthreads, per-warp barriers for shuffles, one barrier
-// across all threads for the grid barrier). Plans come from the real planner on small made-up
+// per CUDA thread, std::barrier for __syncthreads, per-warp barriers for shuffles, std::atomic_ref
+// for the device atomics, so the kernel's own counter barrier and its bounded wait run as written,
+// with a steady clock for %globaltimer). Plans come from the real planner on small made-up
 // devices chosen so that the cases cover: both directions, k split over several warps, several
 // batch chunks, every row-group template (4, 2, 1), ragged lengths including 0 and T, h0 / dh_last,
 // all three activations. It checks the kernel's indexing, staging, reductions, positions and
-// epilogues; it cannot check what only a GPU shows (memory ordering of the real barrier, the
+// epilogues, and that a grid barrier whose peer never arrives gives up with a status instead of
+// hanging (the PRNN_FAULT=timeout mechanism: one block skips its arrivals); it cannot check what only a GPU shows (memory ordering of the real barrier, the
 // cooperative launch, fp16/bf16 conversions, speed).
 // Build: g++ -std=c++20 -O2 -Wno-unknown-pragmas -pthread -DPRNN_HOST_EMULATION -I csrc -I <cuda>/include
 //        csrc/prnn_planner.cpp csrc/tests/prnn_emulation_test.cpp
@@ -16,12 +18,15 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <memory>
 #include <random>
+#include <thread>
 #include <vector>
 
 // ---- the shim ---------------------------------------------------------------------------------
@@ -51,14 +56,44 @@ struct EmuBlock {
   std::barrier<> sync;
   std::vector<std::unique_ptr<EmuWarp>> warps;
   std::vector<unsigned char> smem;
+  std::atomic<int> votes[2] = {0, 0};  // __syncthreads_or, alternating between calls
   EmuBlock(int threads, size_t smem_bytes) : sync(threads), smem(smem_bytes, 0xFF) {
     for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<EmuWarp>());
   }
 };
 thread_local EmuBlock* g_block = nullptr;
-std::barrier<>* g_grid = nullptr;
+thread_local unsigned int g_or_calls = 0;
 
 inline void __syncthreads() { g_block->sync.arrive_and_wait(); }
+// Each call uses votes[parity]; thread 0 clears the other slot between the two barriers, when no
+// thread can be using it (the previous call's readers are past, the next call's voters not yet in).
+inline int __syncthreads_or(int predicate) {
+  EmuBlock& b = *g_block;
+  const unsigned int parity = g_or_calls++ & 1u;
+  if (predicate) b.votes[parity].store(1);
+  b.sync.arrive_and_wait();
+  const int result = b.votes[parity].load();
+  if (threadIdx.x == 0) b.votes[parity ^ 1u].store(0);
+  b.sync.arrive_and_wait();
+  return result;
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+  return std::atomic_ref<unsigned int>(*p).fetch_add(v, std::memory_order_acq_rel);
+}
+inline unsigned int atomicCAS(unsigned int* p, unsigned int expected, unsigned int desired) {
+  std::atomic_ref<unsigned int>(*p).compare_exchange_strong(expected, desired, std::memory_order_acq_rel);
+  return expected;  // the old value, as CUDA's atomicCAS returns it
+}
+inline unsigned int load_acquire_gpu(const unsigned int* p) {
+  return std::atomic_ref<unsigned int>(*const_cast<unsigned int*>(p)).load(std::memory_order_acquire);
+}
+inline unsigned long long global_timer_ns() {
+  return static_cast<unsigned long long>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+// Thousands of OS threads share 2 cores: a polling thread sleeps so that the others can arrive.
+inline void barrier_poll_pause() { std::this_thread::sleep_for(std::chrono::microseconds(200)); }
 inline float __shfl_xor_sync(unsigned int, float v, int lane_mask) {
   EmuWarp& w = *g_block->warps[threadIdx.x / 32];
   const int lane = threadIdx.x % 32;
@@ -71,7 +106,6 @@ inline float __shfl_xor_sync(unsigned int, float v, int lane_mask) {
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 inline unsigned char* dynamic_smem() { return g_block->smem.data(); }
-inline void emulated_grid_sync() { g_grid->arrive_and_wait(); }
 using std::max;
 using std::min;
 
@@ -92,6 +126,16 @@ using prnn::Plan;
 
 constexpr size_t kThreadStackBytes = 256 * 1024;
 constexpr double kTolerance = 2e-5;  // relative to max(1, max |reference|); fp32 accumulation
+// Long: starting thousands of OS threads on 2 cores keeps early blocks waiting for many seconds.
+constexpr unsigned long long kBarrierTimeoutNs = 600ull * 1000 * 1000 * 1000;
+constexpr unsigned long long kFaultTimeoutNs = 200ull * 1000 * 1000;          // the timeout case's bound
+constexpr int kWatchdogSeconds = 60;  // the timeout case must end long before this, or it hangs
+
+// The workspace header of one launch (counter + status record), zeroed per launch as the API does.
+struct Header {
+  unsigned int counter = 0;
+  unsigned int status[prnn::kStatusWords] = {};
+};
 
 
 struct ThreadStart {
@@ -123,12 +167,14 @@ void* thread_main(void* arg) {
   return nullptr;
 }
 
-// One "launch": a thread per CUDA thread, all started before any can pass a barrier.
-void launch(const Plan& plan, const KernelArgs& args, bool backward) {
+// One "launch": a thread per CUDA thread. `header` is zeroed first and wired into the arguments.
+void launch(const Plan& plan, KernelArgs args, bool backward, Header* header) {
+  *header = Header{};
+  args.barrier_counter = &header->counter;
+  args.status = header->status;
+  if (args.barrier_timeout_ns == 0) args.barrier_timeout_ns = kBarrierTimeoutNs;
   blockDim.x = plan.threads;
   gridDim.x = plan.blocks;
-  std::barrier<> grid(static_cast<ptrdiff_t>(plan.blocks) * plan.threads);
-  g_grid = &grid;
   std::vector<std::unique_ptr<EmuBlock>> blocks;
   for (int b = 0; b < plan.blocks; ++b) blocks.push_back(std::make_unique<EmuBlock>(plan.threads, plan.smem_bytes));
   std::vector<ThreadStart> starts;
@@ -253,8 +299,9 @@ void run_case(const Case& c, std::mt19937& rng) {
   const float nan = NAN;
   std::vector<float> y(total, nan), h_last(step, nan), du_out(total, nan), dh0(step, nan);
   std::vector<float> state(2 * step, nan);
-  unsigned int counter = 0;
+  Header header;
   KernelArgs fa = {};
+  fa.fault_skip_block = -1;
   fa.u = u.data();
   fa.h0 = c.with_h0 ? h0.data() : nullptr;
   fa.y = y.data();
@@ -262,10 +309,11 @@ void run_case(const Case& c, std::mt19937& rng) {
   fa.w = w.data();
   fa.lengths = c.ragged ? lengths.data() : nullptr;
   fa.state = state.data();
-  fa.barrier_counter = &counter;
   fa.activation = c.act;
-  launch(plan, fa, false);
+  launch(plan, fa, false, &header);
+  bool ok = header.status[prnn::kStatusCode] == prnn::kKernelOk;
   KernelArgs ba = {};
+  ba.fault_skip_block = -1;
   ba.y_in = y.data();
   ba.dy = dy.data();
   ba.dh_last = c.with_dh_last ? dh_last.data() : nullptr;
@@ -274,11 +322,12 @@ void run_case(const Case& c, std::mt19937& rng) {
   ba.w = w.data();
   ba.lengths = fa.lengths;
   ba.state = state.data();
-  ba.barrier_counter = &counter;
   ba.activation = c.act;
-  launch(plan, ba, true);
+  launch(plan, ba, true, &header);
+  ok &= header.status[prnn::kStatusCode] == prnn::kKernelOk;
+  if (!ok) printf("FAIL %s: a launch reported a barrier timeout\n", c.name);
 
-  bool ok = compare(c.name, "y", y, y_ref, c.T, step);
+  ok &= compare(c.name, "y", y, y_ref, c.T, step);
   ok &= compare(c.name, "h_last", h_last, hl_ref, 1, step);
   ok &= compare(c.name, "du", du_out, du_ref, c.T, step);
   if (c.with_dh0) ok &= compare(c.name, "dh0", dh0, dh0_ref, 1, step);
@@ -293,6 +342,77 @@ void run_case(const Case& c, std::mt19937& rng) {
 
 DeviceLimits small_device(int sms, int threads_per_block, size_t smem_per_block) {
   return DeviceLimits{sms, 65536, 65536, 2048, threads_per_block, 32, smem_per_block + 1024, smem_per_block, 1024};
+}
+
+// A peer that never arrives (PRNN_FAULT=timeout's mechanism: the last block skips its arrivals):
+// every block must give up at the first barrier within the bound, leaving the status record, and
+// the launch must end. A watchdog fails the test instead of letting a broken bound hang it.
+void run_timeout_case(bool backward) {
+  const char* name = backward ? "barrier timeout (backward)" : "barrier timeout (forward)";
+  const int T = 4, N = 2, D = 1, H = 40;
+  Plan plan;
+  char reason[512] = "";
+  if (!prnn::make_plan(small_device(4, 256, 48 * 1024), {T, N, D, H, 4}, prnn::kKernelMaxRegsPerThread, &plan, reason,
+                       sizeof(reason))) {
+    printf("FAIL %s: no plan: %s\n", name, reason);
+    ++g_failures;
+    return;
+  }
+  const size_t step = static_cast<size_t>(N) * D * H;
+  std::vector<float> u(step * T, 0.5f), w(static_cast<size_t>(H) * H, 0.01f), y(step * T, 0.0f), dy(step * T, 1.0f);
+  std::vector<float> du(step * T, 0.0f), state(2 * step, 0.0f);
+  KernelArgs a = {};
+  a.w = w.data();
+  a.state = state.data();
+  a.activation = PRNN_ACT_TANH;
+  if (backward) {
+    a.y_in = y.data();
+    a.dy = dy.data();
+    a.du = du.data();
+  } else {
+    a.u = u.data();
+    a.y = y.data();
+  }
+  a.barrier_timeout_ns = kFaultTimeoutNs;
+  a.fault_skip_block = plan.blocks - 1;
+  std::atomic<bool> finished{false};
+  std::thread watchdog([&] {
+    for (int i = 0; i < kWatchdogSeconds * 10 && !finished.load(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (!finished.load()) {
+      printf("FAIL %s: the launch did not end within %d s: the barrier wait is unbounded\n", name, kWatchdogSeconds);
+      fflush(stdout);
+      _exit(1);
+    }
+  });
+  Header header;
+  const auto start = std::chrono::steady_clock::now();
+  launch(plan, a, backward, &header);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  finished.store(true);
+  watchdog.join();
+  const unsigned int* r = header.status;
+  EXPECT(r[prnn::kStatusCode] == prnn::kKernelBarrierTimeout, "%s: status %u, expected the timeout code", name,
+         r[prnn::kStatusCode]);
+  EXPECT(r[prnn::kStatusGeneration] == 1, "%s: gave up at barrier %u, expected the first", name,
+         r[prnn::kStatusGeneration]);
+  EXPECT(r[prnn::kStatusArrived] == static_cast<unsigned int>(plan.blocks - 1) &&
+             r[prnn::kStatusGrid] == static_cast<unsigned int>(plan.blocks),
+         "%s: %u of %u blocks recorded as arrived, expected %d of %d", name, r[prnn::kStatusArrived],
+         r[prnn::kStatusGrid], plan.blocks - 1, plan.blocks);
+  EXPECT(r[prnn::kStatusBlock] < static_cast<unsigned int>(plan.blocks) &&
+             r[prnn::kStatusTimeoutMs] == kFaultTimeoutNs / 1000000,
+         "%s: block %u, timeout %u ms recorded", name, r[prnn::kStatusBlock], r[prnn::kStatusTimeoutMs]);
+  // Only step 0 ran (forward: t = 0; backward: t = T-1): a write to any other timestep would mean
+  // that a block went on past the barrier it gave up at.
+  const std::vector<float>& out = backward ? du : y;
+  const size_t first = backward ? 0 : step, last = backward ? step * (T - 1) : step * T;
+  bool later_steps_untouched = true;
+  for (size_t i = first; i < last; ++i) later_steps_untouched &= out[i] == 0.0f;
+  EXPECT(later_steps_untouched, "%s: blocks went on past the barrier they gave up at", name);
+  printf("%s %s: %d blocks, block %u gave up at barrier %u after %.2f s (bound %.1f s)\n",
+         r[prnn::kStatusCode] == prnn::kKernelBarrierTimeout ? "ok  " : "FAIL", name, plan.blocks,
+         r[prnn::kStatusBlock], r[prnn::kStatusGeneration], seconds, kFaultTimeoutNs / 1e9);
 }
 
 }  // namespace
@@ -327,6 +447,8 @@ int main() {
     run_case(c, rng);
     printf("      %.1f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
+  run_timeout_case(false);
+  run_timeout_case(true);
   if (!(seen_rg[1] && seen_rg[2] && seen_rg[4] && seen_ks && seen_chunks)) {
     printf("FAIL: the cases no longer cover row groups 1/2/4, k splits and batch chunks\n");
     ++g_failures;

@@ -181,6 +181,35 @@ int main() {
       printf("H100 refusal: %s\n", reason);
     }
   }
+  // Co-residency, the precondition of the grid barrier: a grid that cannot be resident all at once
+  // is refused before any launch, both by the planner's own occupancy rule (check_plan, e.g. a plan
+  // made for all 132 SMs of an H100 run where only 66 are available) and by the check the API
+  // applies to the runtime's occupancy answer for the kernel as built (check_co_residency).
+  {
+    Plan p;
+    char reason[512] = "";
+    const ProblemShape s = {200, 8, 1, 1152, 4};
+    EXPECT(prnn::make_plan(h100, s, prnn::kKernelMaxRegsPerThread, &p, reason, sizeof(reason)), "H100 H=1152: %s",
+           reason);
+    EXPECT(p.blocks > h100.sm_count / 2 && p.blocks <= h100.sm_count, "H100 H=1152: grid of %d blocks", p.blocks);
+    DeviceLimits half = h100;
+    half.sm_count = h100.sm_count / 2;
+    EXPECT(!prnn::check_plan(half, p, reason, sizeof(reason)) && strstr(reason, "cannot all be resident"),
+           "a %d-block grid passed on %d SMs: %s", p.blocks, half.sm_count, reason);
+    ++g_refusals;
+    EXPECT(prnn::check_co_residency(p, 1, p.blocks, reason, sizeof(reason)), "one block per SM refused: %s", reason);
+    EXPECT(!prnn::check_co_residency(p, 1, p.blocks - 1, reason, sizeof(reason)) &&
+               strstr(reason, "cannot all be resident (1 per SM x") != nullptr,
+           "%d blocks on %d SMs accepted: %s", p.blocks, p.blocks - 1, reason);
+    ++g_refusals;
+    // The kernel as built may need more registers than planned: the runtime then answers 0 per SM.
+    EXPECT(!prnn::check_co_residency(p, 0, h100.sm_count, reason, sizeof(reason)) &&
+               strstr(reason, "0 per SM") != nullptr,
+           "a kernel with no resident block per SM accepted: %s", reason);
+    ++g_refusals;
+    printf("co-residency refusal: %s\n", reason);
+  }
+
   // Invalid problems are refused, not planned.
   {
     Plan p;

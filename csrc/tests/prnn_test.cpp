@@ -367,6 +367,63 @@ void check_back_to_back(cudaStream_t stream) {
   printf("%s %d back-to-back launches\n", err == cudaSuccess && zero ? "ok  " : "FAIL", kBackToBackLaunches);
 }
 
+// Bounded waits and injected faults on the real kernel (PRNN_FAULT, prnn_fault.h): a block that
+// never arrives makes the others give up with TIMEOUT instead of hanging the GPU, the context stays
+// usable, and plan / launch faults come back as NOT_SUPPORTED / CUDA_ERROR before any launch.
+void check_faults(cudaStream_t stream) {
+  const prnnProblem_t p = {6, 4, 2, 256, PRNN_ACT_TANH, PRNN_DATA_FLOAT};
+  const size_t elems = 6 * 4 * 2 * 256;
+  std::vector<float> zeros(elems, 0.0f), w(2 * 256 * 256, 0.0f);
+  DeviceBuffer u(zeros.data(), elems * 4), dw(w.data(), w.size() * 4), y(elems * 4), hl(4 * 2 * 256 * 4);
+  size_t need = 0;
+  prnnForwardWorkspaceSize(&p, 0, &need);
+  DeviceBuffer ws(need);
+  setenv("PRNN_FAULT", "timeout", 1);
+  setenv("PRNN_BARRIER_TIMEOUT_MS", "200", 1);
+  prnnStatus_t st = prnnForward(&p, u.ptr, dw.ptr, nullptr, nullptr, y.ptr, hl.ptr, ws.ptr, ws.bytes, stream);
+  EXPECT(st == PRNN_STATUS_SUCCESS, "timeout fault: the launch itself must succeed: %s", prnnLastErrorMessage());
+  st = prnnWorkspaceStatus(ws.ptr, stream);
+  EXPECT(st == PRNN_STATUS_TIMEOUT && strstr(prnnLastErrorMessage(), "grid barrier 1") != nullptr,
+         "timeout fault: prnnWorkspaceStatus %s: %s", prnnStatusString(st), prnnLastErrorMessage());
+  printf("%s timeout: %s\n", st == PRNN_STATUS_TIMEOUT ? "ok  " : "FAIL", prnnLastErrorMessage());
+  // The same through the asynchronous check: the record copied to pinned memory, read after the stream.
+  void* record = nullptr;
+  EXPECT(cudaHostAlloc(&record, PRNN_STATUS_RECORD_BYTES, cudaHostAllocDefault) == cudaSuccess, "cudaHostAlloc");
+  st = prnnForward(&p, u.ptr, dw.ptr, nullptr, nullptr, y.ptr, hl.ptr, ws.ptr, ws.bytes, stream);
+  if (st == PRNN_STATUS_SUCCESS) st = prnnWorkspaceStatusAsync(ws.ptr, record, stream);
+  EXPECT(st == PRNN_STATUS_SUCCESS, "timeout fault: launch + async status: %s", prnnLastErrorMessage());
+  EXPECT(cudaStreamSynchronize(stream) == cudaSuccess, "cudaStreamSynchronize");
+  st = prnnStatusFromRecord(record);
+  EXPECT(st == PRNN_STATUS_TIMEOUT && strstr(prnnLastErrorMessage(), "waited more than 200 ms") != nullptr,
+         "timeout fault: prnnStatusFromRecord %s: %s", prnnStatusString(st), prnnLastErrorMessage());
+  printf("%s timeout (asynchronous status): %s\n", st == PRNN_STATUS_TIMEOUT ? "ok  " : "FAIL", prnnLastErrorMessage());
+  setenv("PRNN_FAULT", "plan", 1);
+  int supported = 1;
+  char reason[512] = "";
+  EXPECT(prnnCheckSupport(&p, 0, &supported, reason, sizeof(reason)) == PRNN_STATUS_SUCCESS && !supported &&
+             strstr(reason, "PRNN_FAULT=plan") != nullptr,
+         "plan fault: supported=%d reason=%s", supported, reason);
+  st = prnnForward(&p, u.ptr, dw.ptr, nullptr, nullptr, y.ptr, hl.ptr, ws.ptr, ws.bytes, stream);
+  EXPECT(st == PRNN_STATUS_NOT_SUPPORTED, "plan fault: prnnForward returned %s", prnnStatusString(st));
+  setenv("PRNN_FAULT", "launch:backward", 1);
+  st = prnnForward(&p, u.ptr, dw.ptr, nullptr, nullptr, y.ptr, hl.ptr, ws.ptr, ws.bytes, stream);
+  EXPECT(st == PRNN_STATUS_SUCCESS, "launch:backward fault hit the forward pass: %s", prnnLastErrorMessage());
+  st = prnnBackwardData(&p, dw.ptr, y.ptr, u.ptr, nullptr, nullptr, y.ptr, nullptr, ws.ptr, ws.bytes, stream);
+  EXPECT(st == PRNN_STATUS_CUDA_ERROR, "launch:backward fault: prnnBackwardData returned %s", prnnStatusString(st));
+  unsetenv("PRNN_FAULT");
+  unsetenv("PRNN_BARRIER_TIMEOUT_MS");
+  // The context survives: a normal launch afterwards completes with SUCCESS.
+  st = prnnForward(&p, u.ptr, dw.ptr, nullptr, nullptr, y.ptr, hl.ptr, ws.ptr, ws.bytes, stream);
+  if (st == PRNN_STATUS_SUCCESS) st = prnnWorkspaceStatus(ws.ptr, stream);
+  EXPECT(st == PRNN_STATUS_SUCCESS, "after the faults: %s: %s", prnnStatusString(st), prnnLastErrorMessage());
+  st = prnnWorkspaceStatusAsync(ws.ptr, record, stream);
+  if (st == PRNN_STATUS_SUCCESS && cudaStreamSynchronize(stream) == cudaSuccess) st = prnnStatusFromRecord(record);
+  EXPECT(st == PRNN_STATUS_SUCCESS, "after the faults, asynchronous status: %s: %s", prnnStatusString(st),
+         prnnLastErrorMessage());
+  cudaFreeHost(record);
+  printf("%s faults (timeout, plan, launch:backward), then a normal launch\n", st == PRNN_STATUS_SUCCESS ? "ok  " : "FAIL");
+}
+
 }  // namespace
 
 int main() {
@@ -401,6 +458,7 @@ int main() {
   for (const Case& c : cases) run_case(c, rng, stream);
   check_errors_and_edges(stream);
   check_back_to_back(stream);
+  check_faults(stream);
 
   float us = 0.0f;
   const prnnStatus_t st = prnnMeasureBarrier(0, 0, kBarrierIterations, stream, &us);
