@@ -31,7 +31,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "rnn"): ("asr.bench.rnn", "benchmark the recurrent op: persistent vs cuDNN vs reference"),
     ("bench", "train"): ("asr.bench.train", "training-step speed: our network vs the same network on torch.nn.RNN"),
     ("lm", "build"): ("asr.lm", "build a word n-gram ARPA language model (interpolated modified Kneser-Ney)"),
-    ("train",): ("asr.train", "train a model from a LightningCLI recipe"),
+    ("train",): ("asr.training.cli", "train a model from a LightningCLI recipe"),
     ("evaluate",): ("asr.evaluate", "WER/CER of a checkpoint on splits or manifests"),
     ("transcribe",): ("asr.transcribe", "transcribe audio files with a checkpoint"),
     ("report",): ("asr.report", "print training speed and WER of runs side by side"),

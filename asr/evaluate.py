@@ -110,33 +110,63 @@ def _normalize(text: str) -> str:
     return normalize_text(text)
 
 
-def score(references: Sequence[str], hypotheses: Sequence[str], ids: Sequence[str], worst: int = DEFAULT_WORST) -> dict:
-    """Corpus WER/CER and edit counts of normalised texts, and the `worst` utterances."""
+@dataclass(frozen=True)
+class EditCounts:
+    """Word and character edits of hypotheses against references (both LibriSpeech-normalised)."""
+
+    substitutions: int  # words
+    deletions: int
+    insertions: int
+    reference_words: int
+    char_edits: int
+    reference_chars: int  # spaces included
+    utterance_word_errors: list[int]  # per pair, in input order
+
+    @property
+    def word_edits(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
+
+
+def count_edits(references: Sequence[str], hypotheses: Sequence[str]) -> EditCounts:
+    """The one scoring function: evaluation (score) and training's dev WER both count with it.
+    A pair with an empty reference counts each hypothesis word (character) as an insertion."""
     import jiwer
 
     refs = [_normalize(r) for r in references]
     hyps = [_normalize(h) for h in hypotheses]
-    words = jiwer.process_words(refs, hyps)
-    chars = jiwer.process_characters(refs, hyps)
-    per_utterance = []
-    for i, alignment in enumerate(words.alignments):
-        errors = sum(
-            max(c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx) for c in alignment if c.type != "equal"
-        )
-        per_utterance.append(UtteranceScore(ids[i], refs[i], hyps[i], errors, len(refs[i].split())))
+    scored = [i for i, r in enumerate(refs) if r]
+    per_utterance = [len(h.split()) for h in hyps]  # what an empty reference makes of each hypothesis
+    s = d = 0
+    insertions = sum(per_utterance[i] for i in range(len(refs)) if not refs[i])
+    char_edits = sum(len(hyps[i]) for i in range(len(refs)) if not refs[i])
+    if scored:
+        words = jiwer.process_words([refs[i] for i in scored], [hyps[i] for i in scored])
+        chars = jiwer.process_characters([refs[i] for i in scored], [hyps[i] for i in scored])
+        s, d, insertions = words.substitutions, words.deletions, insertions + words.insertions
+        char_edits += chars.substitutions + chars.deletions + chars.insertions
+        for i, alignment in zip(scored, words.alignments):
+            per_utterance[i] = sum(max(c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx)
+                                   for c in alignment if c.type != "equal")
+    return EditCounts(s, d, insertions, sum(len(r.split()) for r in refs), char_edits, sum(len(r) for r in refs),
+                      per_utterance)
+
+
+def score(references: Sequence[str], hypotheses: Sequence[str], ids: Sequence[str], worst: int = DEFAULT_WORST) -> dict:
+    """Corpus WER/CER and edit counts of normalised texts, and the `worst` utterances."""
+    counts = count_edits(references, hypotheses)
+    refs = [_normalize(r) for r in references]
+    hyps = [_normalize(h) for h in hypotheses]
+    per_utterance = [UtteranceScore(ids[i], refs[i], hyps[i], errors, len(refs[i].split()))
+                     for i, errors in enumerate(counts.utterance_word_errors)]
     per_utterance.sort(key=lambda u: (-u.word_errors, -u.word_errors / max(u.reference_words, 1), u.id))
-    reference_words = sum(len(r.split()) for r in refs)
-    reference_chars = sum(len(r) for r in refs)
-    word_edits = words.substitutions + words.deletions + words.insertions
-    char_edits = chars.substitutions + chars.deletions + chars.insertions
     return {
-        # jiwer's rates are undefined for an all-empty reference; count every inserted word as 100%
-        "wer": word_edits / reference_words if reference_words else float(word_edits > 0),
-        "cer": char_edits / reference_chars if reference_chars else float(char_edits > 0),
-        "substitutions": words.substitutions,
-        "deletions": words.deletions,
-        "insertions": words.insertions,
-        "reference_words": reference_words,
+        # the rates are undefined for an all-empty reference; count every inserted word as 100%
+        "wer": counts.word_edits / counts.reference_words if counts.reference_words else float(counts.word_edits > 0),
+        "cer": counts.char_edits / counts.reference_chars if counts.reference_chars else float(counts.char_edits > 0),
+        "substitutions": counts.substitutions,
+        "deletions": counts.deletions,
+        "insertions": counts.insertions,
+        "reference_words": counts.reference_words,
         "utterances": len(refs),
         "worst": [u for u in per_utterance[:worst] if u.word_errors > 0],
     }

@@ -69,7 +69,7 @@ def test_save_flac_writes_16bit_16k_atomically(tmp_path, tone):
     save_flac(path, torch.from_numpy(tone(0.25, SAMPLE_RATE).astype(np.float32) * 4))  # clipped, not wrapped
     info = sf.info(path)
     assert (info.samplerate, info.channels, info.format, info.subtype) == (SAMPLE_RATE, 1, "FLAC", "PCM_16")
-    assert not list(path.parent.glob("*.part"))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left beside it
     wave = load_audio(path)
     assert wave.numel() == SAMPLE_RATE // 4 and float(wave.abs().max()) <= 1.0 and float(wave.max()) > 0.99
 
@@ -77,16 +77,6 @@ def test_save_flac_writes_16bit_16k_atomically(tmp_path, tone):
 def _cut_in_half(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-def _wav_with_rate(path, tone, rate):
-    """A valid 16 kHz WAV whose header then claims `rate` Hz (and the matching byte rate)."""
-    sf.write(path, tone(0.1, SAMPLE_RATE), SAMPLE_RATE, subtype="PCM_16")
-    raw = bytearray(path.read_bytes())
-    raw[24:28] = rate.to_bytes(4, "little")  # fmt chunk: sample rate, then bytes per second
-    raw[28:32] = (2 * rate).to_bytes(4, "little")
-    path.write_bytes(bytes(raw))
     return path
 
 
@@ -102,7 +92,7 @@ def _flac_claiming_frames(path, tone, frames):
     return path
 
 
-def _bad_files(tmp_path, tone):
+def _bad_files(tmp_path, tone, wav_with_rate):
     """name -> (path, words the reason must contain)"""
     wave = tone(1.0, SAMPLE_RATE)
     sf.write(tmp_path / "cut.flac", wave, SAMPLE_RATE, format="FLAC")
@@ -131,8 +121,8 @@ def _bad_files(tmp_path, tone):
         "zero samples": (tmp_path / "zero.wav", "no audio samples"),
         "nan samples": (tmp_path / "nan.wav", "NaN or infinite"),
         "inf samples": (tmp_path / "inf.wav", "NaN or infinite"),
-        "1 Hz header": (_wav_with_rate(tmp_path / "one_hz.wav", tone, 1), "implausible sample rate 1 Hz"),
-        "1 MHz header": (_wav_with_rate(tmp_path / "one_mhz.wav", tone, 1_000_000), "implausible sample rate 1000000 Hz"),
+        "1 Hz header": (wav_with_rate(tmp_path / "one_hz.wav", 1), "implausible sample rate 1 Hz"),
+        "1 MHz header": (wav_with_rate(tmp_path / "one_mhz.wav", 1_000_000), "implausible sample rate 1000000 Hz"),
         "absurd frame count": (_flac_claiming_frames(tmp_path / "long.flac", tone, (1 << 36) - 1),
                                f"header declares {(1 << 36) - 1} frames"),
     }
@@ -144,8 +134,8 @@ BAD_KINDS = ["truncated flac", "truncated wav", "empty flac", "empty wav", "rand
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
-def test_broken_file_raises_audio_error_naming_path_and_reason(tmp_path, tone, kind):
-    path, reason_words = _bad_files(tmp_path, tone)[kind]
+def test_broken_file_raises_audio_error_naming_path_and_reason(tmp_path, tone, wav_with_rate, kind):
+    path, reason_words = _bad_files(tmp_path, tone, wav_with_rate)[kind]
     with pytest.raises(AudioError) as caught:
         load_audio(path)
     err = caught.value
@@ -158,8 +148,8 @@ def test_broken_file_raises_audio_error_naming_path_and_reason(tmp_path, tone, k
 
 @pytest.mark.parametrize("kind", ["empty flac", "random bytes", "text file", "directory", "missing", "text named mp3",
                                   "1 Hz header", "absurd frame count"])
-def test_audio_info_rejects_broken_files(tmp_path, tone, kind):
-    path, _ = _bad_files(tmp_path, tone)[kind]
+def test_audio_info_rejects_broken_files(tmp_path, tone, wav_with_rate, kind):
+    path, _ = _bad_files(tmp_path, tone, wav_with_rate)[kind]
     with pytest.raises(AudioError, match=str(path)):
         audio_info(path)
 
@@ -185,9 +175,9 @@ def test_text_named_mp3_prints_nothing_from_the_decoder(tmp_path, capfd):
     assert capfd.readouterr().err == ""
 
 
-def test_implausible_rate_is_refused_before_decoding(tmp_path, tone):
+def test_implausible_rate_is_refused_before_decoding(tmp_path, wav_with_rate):
     # 66 frames at 1 Hz would be 66 s of audio, resampled to 1 M samples of garbage.
-    path = _wav_with_rate(tmp_path / "one_hz.wav", tone, 1)
+    path = wav_with_rate(tmp_path / "one_hz.wav", 1)
     tracemalloc.start()
     try:
         with pytest.raises(AudioError, match=r"implausible sample rate 1 Hz .*expected 4000-384000 Hz"):

@@ -22,11 +22,6 @@ import soundfile as sf
 import torch
 
 from asr.cli import main
-from test_audio import _wav_with_rate
-from test_evaluate import make_checkpoint, write_audio
-from test_train import RECIPE, SHRINK
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -75,7 +70,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def checkpoint(workdir):
+def checkpoint(workdir, make_checkpoint):
     return make_checkpoint(workdir / "model.ckpt")
 
 
@@ -122,9 +117,10 @@ BAD_AUDIO = {
 
 
 @pytest.mark.parametrize("case", list(BAD_AUDIO))
-def test_bad_audio_is_named_and_the_good_file_still_transcribed(case, workdir, checkpoint, capsys, tone):
+def test_bad_audio_is_named_and_the_good_file_still_transcribed(case, workdir, checkpoint, capsys, wav_with_rate,
+                                                                write_audio):
     make, reason = BAD_AUDIO[case]
-    bad = _wav_with_rate(workdir / "one_hz.wav", tone, 1) if make is None else make(workdir)
+    bad = wav_with_rate(workdir / "one_hz.wav", 1) if make is None else make(workdir)
     good = workdir / "good.wav"
     write_audio(good, 0.5)
     rc, out, err, changed = _run(["transcribe", str(checkpoint), str(good), str(bad)], capsys, workdir)
@@ -156,11 +152,11 @@ def test_a_file_name_that_is_not_utf8_is_read_and_printed(workdir, checkpoint, c
 
 
 @pytest.mark.slow
-def test_an_hour_of_silence_is_transcribed_in_bounded_time_and_memory(workdir, checkpoint):
+def test_an_hour_of_silence_is_transcribed_in_bounded_time_and_memory(workdir, checkpoint, repo_root):
     """In a child process, so that its peak memory is its own (ru_maxrss of the child)."""
     path = workdir / "silence.flac"
     sf.write(path, np.zeros(3600 * 16000, dtype=np.int16), 16000, format="FLAC", subtype="PCM_16")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + str(REPO / "tests"), OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=str(repo_root) + os.pathsep + str(repo_root / "tests"), OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, "-m", "asr.cli", "transcribe", str(checkpoint), str(path), "--json"],
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=600)  # a hang guard only
     assert proc.returncode == 0, proc.stderr
@@ -176,7 +172,7 @@ def test_an_hour_of_silence_is_transcribed_in_bounded_time_and_memory(workdir, c
 # --- manifests: `asr evaluate --manifest FILE` ----------------------------------------------------------
 
 
-def _manifest_lines(workdir: Path) -> dict[str, tuple[bytes, str]]:
+def _manifest_lines(workdir: Path, write_audio) -> dict[str, tuple[bytes, str]]:
     audio = workdir / "u.wav"
     write_audio(audio, 0.5)
     good = f'{{"id": "a", "path": "{audio}", "duration": 0.5, "text": "HELLO", "speaker": "s"}}'
@@ -194,14 +190,14 @@ def _manifest_lines(workdir: Path) -> dict[str, tuple[bytes, str]]:
 
 @pytest.mark.parametrize("case", ["malformed line", "missing field", "wrong type", "empty", "duplicate id",
                                   "latin-1 text"])
-def test_bad_manifest_is_one_line_with_file_and_line(case, workdir, checkpoint, capsys):
-    contents, where = _manifest_lines(workdir)[case]
+def test_bad_manifest_is_one_line_with_file_and_line(case, workdir, checkpoint, capsys, write_audio):
+    contents, where = _manifest_lines(workdir, write_audio)[case]
     (workdir / "m.jsonl").write_bytes(contents)
     refused(["evaluate", "--checkpoint", str(checkpoint), "--manifest", "m.jsonl", "--decoder", "greedy"],
             capsys, workdir, where)
 
 
-def test_manifest_with_non_ascii_text_and_a_missing_audio_file(workdir, checkpoint, capsys):
+def test_manifest_with_non_ascii_text_and_a_missing_audio_file(workdir, checkpoint, capsys, write_audio):
     """Accented text is normalised as LibriSpeech transcripts are; a missing audio file is skipped and counted."""
     audio = workdir / "u.wav"
     write_audio(audio, 0.5)
@@ -233,7 +229,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _other_shape(workdir: Path) -> Path:
+def _other_shape(workdir: Path, make_checkpoint) -> Path:
     path = make_checkpoint(workdir / "other.ckpt")
     ckpt = torch.load(path, weights_only=True)
     ckpt["asr"]["model_config"]["rnn_hidden"] = 32  # the saved weights are for 16
@@ -241,28 +237,29 @@ def _other_shape(workdir: Path) -> Path:
     return path
 
 
-def _truncated(workdir: Path) -> Path:
+def _truncated(workdir: Path, make_checkpoint) -> Path:
     data = make_checkpoint(workdir / "whole.ckpt").read_bytes()
     (workdir / "whole.ckpt").unlink()
     (workdir / "cut.ckpt").write_bytes(data[: len(data) // 2])
     return workdir / "cut.ckpt"
 
 
-def _plain_dict(workdir: Path) -> Path:
+def _plain_dict(workdir: Path, _) -> Path:
     torch.save({"weights": torch.zeros(2)}, workdir / "p.ckpt")
     return workdir / "p.ckpt"
 
 
-BAD_CHECKPOINTS = {
-    "random bytes": (lambda d: _file(d / "r.ckpt", np.random.default_rng(1).bytes(5000)),
+BAD_CHECKPOINTS = {  # name: (make(folder, make_checkpoint) -> path, what the error must say)
+    "random bytes": (lambda d, _: _file(d / "r.ckpt", np.random.default_rng(1).bytes(5000)),
                      "not a readable checkpoint"),
-    "zero bytes": (lambda d: _file(d / "z.ckpt", b""), "empty file"),
-    "text file": (lambda d: _file(d / "t.ckpt", "epoch=3 step=100\n"),
+    "zero bytes": (lambda d, _: _file(d / "z.ckpt", b""), "empty file"),
+    "text file": (lambda d, _: _file(d / "t.ckpt", "epoch=3 step=100\n"),
                   "not a readable checkpoint"),
     "truncated": (_truncated, "not a readable checkpoint"),
-    "directory": (lambda d: _folder(d / "dir.ckpt"), "not a checkpoint file"),
-    "missing": (lambda d: d / "absent.ckpt", "checkpoint not found"),
-    "another vocabulary": (lambda d: make_checkpoint(d / "v.ckpt", vocabulary_override=["<blank>", "A"]),
+    "directory": (lambda d, _: _folder(d / "dir.ckpt"), "not a checkpoint file"),
+    "missing": (lambda d, _: d / "absent.ckpt", "checkpoint not found"),
+    "another vocabulary": (lambda d, make_checkpoint: make_checkpoint(d / "v.ckpt",
+                                                                      vocabulary_override=["<blank>", "A"]),
                            "vocabulary mismatch"),
     "another network shape": (_other_shape, "weights do not fit the saved network config"),
     "a plain dict": (_plain_dict,
@@ -271,15 +268,15 @@ BAD_CHECKPOINTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
-def test_bad_checkpoint_is_one_line_naming_it(case, workdir, capsys):
+def test_bad_checkpoint_is_one_line_naming_it(case, workdir, capsys, make_checkpoint, write_audio):
     make, reason = BAD_CHECKPOINTS[case]
-    path = make(workdir)
+    path = make(workdir, make_checkpoint)
     write_audio(workdir / "a.wav", 0.3)
     line = refused(["transcribe", str(path), "a.wav"], capsys, workdir, reason)
     assert str(path) in line
 
 
-def test_loading_a_checkpoint_never_runs_its_code(workdir, capsys):
+def test_loading_a_checkpoint_never_runs_its_code(workdir, capsys, write_audio):
     marker = workdir / "code-ran"
     with open(workdir / "evil.ckpt", "wb") as f:
         pickle.dump({"asr": _RunsCode(marker), "state_dict": {}}, f)
@@ -289,7 +286,7 @@ def test_loading_a_checkpoint_never_runs_its_code(workdir, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_device_cuda_without_a_gpu_blames_the_device_not_the_file(workdir, checkpoint, capsys):
+def test_device_cuda_without_a_gpu_blames_the_device_not_the_file(workdir, checkpoint, capsys, write_audio):
     write_audio(workdir / "a.wav", 0.3)
     refused(["transcribe", str(checkpoint), "a.wav", "--device", "cuda"], capsys, workdir,
             "--device cuda: no CUDA GPU")
@@ -312,9 +309,15 @@ def corpus(workdir, write_corpus):
     return root
 
 
-def _train(corpus: Path, *extra: str) -> list[str]:
-    return ["train", "--config", str(RECIPE), "--data.root", str(corpus), "--trainer.default_root_dir", "run",
-            *SHRINK, "--evaluate", "false", *extra]
+@pytest.fixture
+def train_argv(tiny_recipe, shrink_overrides):
+    """train_argv(corpus, *extra) -> argv of `asr train`: the shrunk tiny recipe into ./run, no evaluation."""
+
+    def argv(corpus: Path, *extra: str) -> list[str]:
+        return ["train", "--config", str(tiny_recipe), "--data.root", str(corpus), "--trainer.default_root_dir", "run",
+                *shrink_overrides, "--evaluate", "false", *extra]
+
+    return argv
 
 
 BAD_CONFIGS = {
@@ -324,7 +327,7 @@ BAD_CONFIGS = {
     "zero epochs": (["--trainer.max_epochs", "0"], "trainer.max_epochs 0: must be at least 1"),
     "negative epochs": (["--trainer.max_epochs", "-3"], "trainer.max_epochs -3"),
     "zero accumulation": (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches 0"),
-    "zero layers": (["--model.rnn_layers", "0"], "model.rnn_layers 0"),
+    "zero layers": (["--model.net.rnn_layers", "0"], "rnn_layers 0: must be >= 1"),
     "zero checkpoint interval": (["--checkpoint_every_n_steps", "0"], "checkpoint_every_n_steps 0"),
     "nan checkpoint minutes": (["--checkpoint_every_minutes", "nan"], "checkpoint_every_minutes", "nan"),
     "zero beam": (["--beam_size", "0"], "beam_size 0"),
@@ -335,19 +338,19 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
-def test_bad_training_config_is_one_line_and_makes_no_run_folder(case, corpus, workdir, capsys):
+def test_bad_training_config_is_one_line_and_makes_no_run_folder(case, corpus, workdir, capsys, train_argv):
     extra, *reason = BAD_CONFIGS[case]
-    argv = _train(corpus, *extra)
+    argv = train_argv(corpus, *extra)
     if case == "missing data root":
         argv[argv.index("--data.root") + 1] = "nowhere"
     refused(argv, capsys, workdir, *reason)
     assert not (workdir / "run").exists()
 
 
-def test_a_config_file_with_an_unknown_key(corpus, workdir, capsys):
+def test_a_config_file_with_an_unknown_key(corpus, workdir, capsys, train_argv):
     (workdir / "mine.yaml").write_text("model:\n  rnn_hiddn: 64\n")
-    refused(_train(corpus, "--config", "mine.yaml"), capsys, workdir, "rnn_hiddn")
-    refused(_train(corpus, "--config", "absent.yaml"), capsys, workdir, "absent.yaml")
+    refused(train_argv(corpus, "--config", "mine.yaml"), capsys, workdir, "rnn_hiddn")
+    refused(train_argv(corpus, "--config", "absent.yaml"), capsys, workdir, "absent.yaml")
 
 
 # --- CLI --------------------------------------------------------------------------------------------------
@@ -389,7 +392,7 @@ def test_missing_required_argument_is_one_line(argv, missing, workdir, capsys):
 # --- other files and options ------------------------------------------------------------------------------
 
 
-def test_decoder_options(workdir, checkpoint, capsys):
+def test_decoder_options(workdir, checkpoint, capsys, write_audio):
     write_audio(workdir / "a.wav", 0.3)
     base = ["transcribe", str(checkpoint), "a.wav"]
     refused(base + ["--decoder", "beam", "--beam-size", "0"], capsys, workdir, "--beam-size 0: must be >= 1")
@@ -399,7 +402,7 @@ def test_decoder_options(workdir, checkpoint, capsys):
     refused(base + ["--decoder", "beam", "--lm-weight", "nan", "--lm", "x.arpa"], capsys, workdir, "--lm-weight nan")
 
 
-def test_evaluate_out_that_is_a_file_is_refused_before_evaluating(workdir, checkpoint, capsys):
+def test_evaluate_out_that_is_a_file_is_refused_before_evaluating(workdir, checkpoint, capsys, write_audio):
     write_audio(workdir / "a.wav", 0.3)
     (workdir / "m.jsonl").write_text(f'{{"id": "a", "path": "{workdir / "a.wav"}", "duration": 0.3, '
                                      f'"text": "HI", "speaker": "s"}}\n', encoding="utf-8")
@@ -409,7 +412,7 @@ def test_evaluate_out_that_is_a_file_is_refused_before_evaluating(workdir, check
     assert (workdir / "results").read_text() == "my own notes\n"
 
 
-def test_lm_build_inputs_and_outputs(workdir, capsys):
+def test_lm_build_inputs_and_outputs(workdir, capsys, write_audio):
     write_audio(workdir / "random.wav", 0.3)
     (workdir / "t.txt").write_text("HELLO WORLD\n")
     (workdir / "keep.txt").write_text("not a language model\n")

@@ -38,8 +38,8 @@ def _train(corpus: Path, run_dir: Path, *extra: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()))
     args = [sys.executable, "-m", "asr.cli", "train", "--config", str(RECIPE), "--data.root", str(corpus),
-            "--trainer.default_root_dir", str(run_dir), "--model.conv_channels", "[4, 4]",
-            "--model.rnn_layers", "2", "--model.rnn_hidden", "16", "--model.warmup_steps", "2",
+            "--trainer.default_root_dir", str(run_dir), "--model.net.conv_channels", "[4, 4]",
+            "--model.net.rnn_layers", "2", "--model.net.rnn_hidden", "16", "--model.warmup_steps", "2",
             "--data.num_workers", "0", "--data.max_batch_seconds", str(MAX_BATCH_SECONDS),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.max_epochs", "1", "--evaluate", "false", "--trainer.accelerator", "cpu", *extra]

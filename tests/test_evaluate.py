@@ -3,55 +3,17 @@
 import json
 import math
 
-import numpy as np
 import pytest
-import soundfile as sf
-import torch
 
-from asr.data.features import FeatureConfig
 from asr.data.manifest import Utterance, write_manifest
-from asr.data.tokenizer import CharTokenizer
 from asr.decode import GreedyDecoder, lexicon_words
 from asr.errors import UserError
 from asr.evaluate import BEAM_NAME, arpa_vocabulary, build_decoders, evaluate, format_markdown, score
 from asr.lm import build_arpa
 
-SAMPLE_RATE = 16000
-FEATURES = FeatureConfig(n_mels=8)
-
-
-class ScriptedModel:
-    """Stand-in with the InferenceModel contract: it "recognises" the text scripted for each input
-    length (in feature frames), spelling it as a confident CTC path."""
-
-    def __init__(self, scripts: dict[int, str]):
-        self.tokenizer = CharTokenizer()
-        self.feature_config = FEATURES
-        self.frame_shift_seconds = FEATURES.hop_ms / 1000
-        self.device = torch.device("cpu")
-        self.scripts = scripts
-        self.calls = 0
-
-    def log_probs(self, features, feature_lengths):
-        self.calls += 1
-        N, T, _ = features.shape
-        V = self.tokenizer.vocab_size
-        out = torch.full((N, T, V), -12.0)
-        out[:, :, 0] = 0.0  # blank everywhere, then the script's tokens
-        for n, length in enumerate(feature_lengths.tolist()):
-            for k, token in enumerate(self.tokenizer.encode(self.scripts[length])):
-                out[n, 2 * k, 0], out[n, 2 * k, token] = -12.0, 0.0
-        return out.log_softmax(-1), feature_lengths.clone()
-
-
-def write_audio(path, seconds):
-    rng = np.random.default_rng(int(seconds * 1000))
-    sf.write(str(path), (0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32), SAMPLE_RATE)
-    return FEATURES.num_frames(int(seconds * SAMPLE_RATE))
-
 
 @pytest.fixture
-def corpus(tmp_path):
+def corpus(tmp_path, write_audio):
     """Four utterances with known recognition results; one more whose audio is missing."""
     cases = [  # (seconds, reference, what the scripted model outputs)
         (0.50, "THE CAT SAT", "THE CAT SAT"),  # correct
@@ -78,9 +40,9 @@ def test_score_counts_edits_and_ranks_worst():
     assert result["cer"] == pytest.approx((1 + 2 + 2) / (5 + 3 + 3))  # B->X, " D" inserted, " E" deleted
 
 
-def test_evaluate_scores_skips_missing_audio_and_times(corpus):
+def test_evaluate_scores_skips_missing_audio_and_times(corpus, scripted_model):
     utterances, scripts = corpus
-    model = ScriptedModel(scripts)
+    model = scripted_model(scripts)
     result = evaluate(model, utterances, {"greedy": GreedyDecoder(model.tokenizer)}, max_batch_seconds=1.5)
     s = result.scores["greedy"]
     assert result.utterances == s.utterances == 4
@@ -98,18 +60,18 @@ def test_evaluate_scores_skips_missing_audio_and_times(corpus):
     assert as_dict["decoders"]["greedy"]["wer"] == pytest.approx(0.5)
 
 
-def test_evaluate_bad_input(corpus, tmp_path):
+def test_evaluate_bad_input(corpus, tmp_path, scripted_model):
     utterances, scripts = corpus
-    model = ScriptedModel(scripts)
+    model = scripted_model(scripts)
     with pytest.raises(UserError, match="no utterances"):
         evaluate(model, [], {"greedy": GreedyDecoder(model.tokenizer)})
     with pytest.raises(UserError, match="all 1"):
         evaluate(model, utterances[-1:], {"greedy": GreedyDecoder(model.tokenizer)})
 
 
-def test_beam_decoder_in_evaluation_uses_lm_vocabulary(corpus, tmp_path):
+def test_beam_decoder_in_evaluation_uses_lm_vocabulary(corpus, tmp_path, scripted_model):
     utterances, scripts = corpus
-    model = ScriptedModel(scripts)
+    model = scripted_model(scripts)
     lm = build_arpa(["THE CAT SAT", "THE DOG RAN HOME", "A BIRD", "HELLO"], tmp_path / "lm.arpa")
     assert sorted(arpa_vocabulary(lm)) == ["A", "BIRD", "CAT", "DOG", "HELLO", "HOME", "RAN", "SAT", "THE"]
     decoders = build_decoders(model.tokenizer, "both", lm)
@@ -121,27 +83,7 @@ def test_beam_decoder_in_evaluation_uses_lm_vocabulary(corpus, tmp_path):
         build_decoders(model.tokenizer, "beam", None)
 
 
-def make_checkpoint(path, vocabulary_override=None):
-    """A real (untrained, tiny) checkpoint in the project's format, loadable by load_for_inference."""
-    from asr.model.deepspeech import DeepSpeech, DeepSpeechConfig
-    from asr.model.inference import NETWORK_PREFIX, checkpoint_payload
-
-    tokenizer = CharTokenizer()
-    config = DeepSpeechConfig(
-        n_mels=FEATURES.n_mels, vocab_size=tokenizer.vocab_size, conv_channels=(4,), conv_kernels=((3, 3),),
-        conv_strides=((2, 2),), rnn_cell="gru", rnn_layers=1, rnn_hidden=16, bidirectional=False,
-    )
-    torch.manual_seed(0)
-    net = DeepSpeech(config)
-    payload = checkpoint_payload(config, tokenizer, FEATURES)
-    if vocabulary_override is not None:
-        payload["vocabulary"] = vocabulary_override
-    state = {NETWORK_PREFIX + k: v for k, v in net.state_dict().items()}
-    torch.save({"asr": payload, "state_dict": state}, path)
-    return path
-
-
-def test_command_writes_json_and_markdown(corpus, tmp_path, capsys):
+def test_command_writes_json_and_markdown(corpus, tmp_path, capsys, make_checkpoint):
     from asr.cli import main
 
     utterances, _ = corpus
@@ -165,7 +107,7 @@ def test_command_writes_json_and_markdown(corpus, tmp_path, capsys):
     assert "1 utterance(s) skipped" in captured.err
 
 
-def test_command_bad_input(tmp_path, capsys):
+def test_command_bad_input(tmp_path, capsys, make_checkpoint, write_audio):
     from asr.cli import main
 
     good = make_checkpoint(tmp_path / "good.ckpt")
@@ -187,7 +129,7 @@ def test_command_bad_input(tmp_path, capsys):
     assert "language model" in capsys.readouterr().err
 
 
-def test_command_builds_lm_from_the_runs_training_splits(corpus, tmp_path, capsys):
+def test_command_builds_lm_from_the_runs_training_splits(corpus, tmp_path, capsys, make_checkpoint):
     from asr.cli import main
     from asr.data.librispeech import manifest_path
 
@@ -207,11 +149,11 @@ def test_command_builds_lm_from_the_runs_training_splits(corpus, tmp_path, capsy
     assert set(payload["splits"]["mini"]["decoders"]) == {BEAM_NAME}
 
 
-def test_tune_beam_searches_the_grid(corpus, tmp_path):
+def test_tune_beam_searches_the_grid(corpus, tmp_path, scripted_model):
     from asr.evaluate import tune_beam
 
     utterances, scripts = corpus
-    model = ScriptedModel(scripts)
+    model = scripted_model(scripts)
     texts = [u.text for u in utterances[:4]]
     lm = build_arpa(texts, tmp_path / "lm.arpa")
     tuning = tune_beam(model, utterances, lm, lexicon_words(texts), lm_weights=(0.5, 2.0), word_scores=(-1.0, 0.0, 1.0), max_utterances=3)
@@ -221,7 +163,7 @@ def test_tune_beam_searches_the_grid(corpus, tmp_path):
     assert (tuning.lm_weight, tuning.word_score, tuning.wer) in tuning.grid
 
 
-def test_command_tunes_on_a_dev_split(corpus, tmp_path, capsys):
+def test_command_tunes_on_a_dev_split(corpus, tmp_path, capsys, make_checkpoint):
     from asr.cli import main
     from asr.data.librispeech import manifest_path
 
@@ -239,7 +181,7 @@ def test_command_tunes_on_a_dev_split(corpus, tmp_path, capsys):
     assert (options["lm_weight"], options["word_score"]) == (tuning["lm_weight"], tuning["word_score"])
 
 
-def test_command_uses_the_lm_in_the_run_folder(corpus, tmp_path, capsys):
+def test_command_uses_the_lm_in_the_run_folder(corpus, tmp_path, capsys, make_checkpoint):
     from asr.cli import main
 
     utterances, _ = corpus
@@ -254,7 +196,7 @@ def test_command_uses_the_lm_in_the_run_folder(corpus, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_command_adds_lm_text_to_the_training_transcripts(corpus, tmp_path, capsys):
+def test_command_adds_lm_text_to_the_training_transcripts(corpus, tmp_path, capsys, make_checkpoint):
     from asr.cli import main
     from asr.data.librispeech import manifest_path
 

@@ -205,15 +205,18 @@ def test_cuda_variant_builds_and_registers(tmp_path):
         pytest.skip("no nvcc on this machine")
     if not list(build.CSRC_DIR.glob("prnn_*.cu")):
         pytest.skip("the CUDA kernels (csrc/prnn_*.cu) are not in the tree yet")
+    # A build folder of its own: another current cuda build in build/ops (say one made by `asr ops build`
+    # for the default architectures) would rightly be preferred by the later process below.
+    builds = str(tmp_path / "ops")
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("ASR_TEST_CUDA_ARCH_LIST", "9.0"),
-               PYTHONPATH=str(REPO), ASR_OPS_VARIANT="cuda")
+               PYTHONPATH=str(REPO), ASR_OPS_VARIANT="cuda", ASR_OPS_BUILD_DIR=builds)
     result = subprocess.run([sys.executable, "-m", "asr.cli", "ops", "build", "--variant", "cuda"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "CUDA kernels: yes" in result.stdout and "recurrence_backward_data" in result.stdout
     # A later process with the CLI's environment (no arch list, no forced variant) that needs the op
     # for CPU tensors reuses this build instead of compiling anything.
-    cli_env = _cli_environment()
+    cli_env = _cli_environment(ASR_OPS_BUILD_DIR=builds)
     code = "from asr.ops import build; e = build.load('cpu'); print(e.variant, e.arch_list)"
     later = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env, capture_output=True, text=True,
                            timeout=300)

@@ -209,7 +209,7 @@ def test_render_is_16k_flac_in_librispeech_layout(rendered):
         speaker, chapter, _ = f.stem.split("-")
         assert (f.parent.parent.name, f.parent.name) == (speaker, chapter)
         assert (f.parent / f"{speaker}-{chapter}.trans.txt").is_file()
-    assert not list((out / "LibriSpeech").rglob("*.part"))
+    assert not list((out / "LibriSpeech").rglob(".*.tmp-*"))  # asr.fileio's temporary files
     assert (out / "LibriSpeech" / "SPEAKERS.TXT").is_file()
 
 

@@ -15,41 +15,21 @@ import torch
 
 from asr.errors import UserError
 from asr.model.inference import CHECKPOINT_KEY, load_for_inference
-from asr.train import AtomicCheckpointIO, CheckpointWriteError, SpeechRecognizer, main
-
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "synth" / "tiny.yaml"
-WORDS = "THE CAT SAT ON A MAT WITH HER DOG AND RAN TO THE OLD RED BARN BY NIGHT".split()
-# A network small enough for a CPU test: one narrow layer after two narrow convolutions.
-SHRINK = ["--model.conv_channels", "[4, 4]", "--model.rnn_layers", "1", "--model.rnn_hidden", "16",
-          "--model.warmup_steps", "2", "--data.num_workers", "0", "--data.max_batch_seconds", "4",
-          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-          "--trainer.log_every_n_steps", "1"]
-
-
-def _sentence(k: int) -> str:
-    return " ".join(WORDS[(k * 7 + j * 3) % len(WORDS)] for j in range(2 + k % 3))
+from asr.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError
+from asr.training.cli import main
+from asr.training.module import SpeechRecognizer
 
 
 @pytest.fixture
-def corpus(tmp_path, write_corpus):
-    root = tmp_path / "corpus"
-    splits = {"train": (24, 100), "dev": (4, 200), "test-clean": (3, 300), "test-unseen-voice": (3, 400)}
-    for split, (count, speaker) in splits.items():
-        write_corpus(root, split, {f"{speaker}-1-{i:04d}": (0.8 + 0.1 * (i % 5), _sentence(speaker + i))
-                                   for i in range(count)})
-    return root
+def corpus(tmp_path, write_tiny_corpus):
+    """The tiny recipe's splits, written under tmp_path."""
+    return write_tiny_corpus(tmp_path / "corpus")
 
 
-def _args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", str(RECIPE), "--data.root", str(corpus), "--trainer.default_root_dir", str(run_dir),
-            *SHRINK, *extra]
-
-
-def test_tiny_recipe_trains_evaluates_and_reports(corpus, tmp_path, capsys):
+def test_tiny_recipe_trains_evaluates_and_reports(corpus, tmp_path, capsys, train_args):
     run_dir = tmp_path / "run"
     (corpus / "lm_text.txt").write_text("the cat sat on a hat\nher dog ran by night\n", encoding="utf-8")
-    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "2")) == 0
+    assert main(train_args(corpus, run_dir, "--trainer.max_epochs", "2")) == 0
     for name in ("config.yaml", "best.ckpt", "last.ckpt", "report.json", "report.md", "lm.arpa"):
         assert (run_dir / name).is_file(), name
     assert list(run_dir.glob(".*tmp*")) == [], "no temporary checkpoint may be left behind"
@@ -104,12 +84,12 @@ def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_save(tm
     assert torch.load(path, weights_only=True) == {"step": 3}
 
 
-def _train_subprocess(corpus: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+def _train_subprocess(train_args, repo: Path, corpus: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "asr.cli", "train",
-            *_args(corpus, run_dir, "--trainer.max_epochs", "2", "--checkpoint_every_n_steps", "3",
-                   "--evaluate", "false", *extra)]
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            *train_args(corpus, run_dir, "--trainer.max_epochs", "2", "--checkpoint_every_n_steps", "3",
+                        "--evaluate", "false", *extra)]
+    return subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _network_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -118,17 +98,17 @@ def _network_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_resume_after_kill_matches_an_uninterrupted_run(corpus, tmp_path):
+def test_resume_after_kill_matches_an_uninterrupted_run(corpus, tmp_path, train_args, repo_root):
     """Kill training right after its first mid-epoch checkpoint, resume from last.ckpt, and end
     with exactly the weights of a run that was never interrupted."""
-    straight = _train_subprocess(corpus, tmp_path / "straight")
+    straight = _train_subprocess(train_args, repo_root, corpus, tmp_path / "straight")
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out
     expected, total_steps = _network_state(tmp_path / "straight" / "last.ckpt")
     assert total_steps > 6, "the run must be long enough to be killed mid-epoch"
 
     killed_dir = tmp_path / "killed"
-    killed = _train_subprocess(corpus, killed_dir)
+    killed = _train_subprocess(train_args, repo_root, corpus, killed_dir)
     last = killed_dir / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
@@ -139,7 +119,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(corpus, tmp_path):
     _, step_at_kill = _network_state(last)
     assert 0 < step_at_kill < total_steps
 
-    resumed = _train_subprocess(corpus, killed_dir, "--ckpt_path", "last")
+    resumed = _train_subprocess(train_args, repo_root, corpus, killed_dir, "--ckpt_path", "last")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     final, steps = _network_state(last)
@@ -148,7 +128,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(corpus, tmp_path):
         assert torch.equal(final[name], value), f"{name} differs after resume"
 
 
-def test_nonfinite_batches_are_skipped_and_counted(corpus, tmp_path, monkeypatch):
+def test_nonfinite_batches_are_skipped_and_counted(corpus, tmp_path, monkeypatch, train_args):
     real_loss = SpeechRecognizer._ctc_loss
     calls = {"train": 0}
 
@@ -162,8 +142,8 @@ def test_nonfinite_batches_are_skipped_and_counted(corpus, tmp_path, monkeypatch
 
     monkeypatch.setattr(SpeechRecognizer, "_ctc_loss", sometimes_nan)
     run_dir = tmp_path / "run"
-    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false",
-                      "--model.max_nonfinite_in_a_row", "3")) == 0
+    assert main(train_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false",
+                           "--model.max_nonfinite_in_a_row", "3")) == 0
     import json
 
     report = json.loads((run_dir / "report.json").read_text())
@@ -172,7 +152,7 @@ def test_nonfinite_batches_are_skipped_and_counted(corpus, tmp_path, monkeypatch
     assert all(torch.isfinite(v.float()).all() for v in state.values()), "a skipped batch must not touch weights or BatchNorm statistics"
 
 
-def test_training_stops_after_k_nonfinite_batches_in_a_row(corpus, tmp_path, monkeypatch):
+def test_training_stops_after_k_nonfinite_batches_in_a_row(corpus, tmp_path, monkeypatch, train_args):
     real_loss = SpeechRecognizer._ctc_loss
 
     def always_nan(self, batch):
@@ -181,13 +161,13 @@ def test_training_stops_after_k_nonfinite_batches_in_a_row(corpus, tmp_path, mon
 
     monkeypatch.setattr(SpeechRecognizer, "_ctc_loss", always_nan)
     with pytest.raises(UserError, match="3 batches in a row"):
-        main(_args(corpus, tmp_path / "run", "--trainer.max_epochs", "1", "--evaluate", "false",
-                   "--model.max_nonfinite_in_a_row", "3"))
+        main(train_args(corpus, tmp_path / "run", "--trainer.max_epochs", "1", "--evaluate", "false",
+                        "--model.max_nonfinite_in_a_row", "3"))
 
 
-def test_vocabulary_mismatch_is_refused(corpus, tmp_path):
+def test_vocabulary_mismatch_is_refused(corpus, tmp_path, train_args):
     run_dir = tmp_path / "run"
-    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false")) == 0
+    assert main(train_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false")) == 0
     checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
 
     altered = dict(checkpoint)
@@ -203,8 +183,8 @@ def test_vocabulary_mismatch_is_refused(corpus, tmp_path):
     swapped[CHECKPOINT_KEY] = dict(checkpoint[CHECKPOINT_KEY], vocabulary=vocabulary)
     torch.save(swapped, tmp_path / "swapped.ckpt")
     with pytest.raises(UserError, match="vocabulary mismatch"):
-        main(_args(corpus, run_dir, "--trainer.max_epochs", "2", "--evaluate", "false",
-                   "--ckpt_path", str(tmp_path / "swapped.ckpt")))
+        main(train_args(corpus, run_dir, "--trainer.max_epochs", "2", "--evaluate", "false",
+                        "--ckpt_path", str(tmp_path / "swapped.ckpt")))
 
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
@@ -214,7 +194,7 @@ def test_vocabulary_mismatch_is_refused(corpus, tmp_path):
 
 
 def test_dev_subset_for_beam_tuning_is_even_and_deterministic():
-    from asr.train import spread_subset
+    from asr.training.finish import spread_subset
 
     items = list(range(10))
     assert spread_subset(items, None) == items

@@ -21,14 +21,15 @@ import pytest
 import torch
 
 from asr.errors import UserError
-from asr.train import AtomicCheckpointIO, SpeechRecognizer, main
-from test_train import REPO, _args, _sentence
+from asr.training.checkpoints import AtomicCheckpointIO
+from asr.training.cli import main
+from asr.training.module import SpeechRecognizer
 
 STEPS_BETWEEN_CHECKPOINTS = 3
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, sentence):
     import numpy as np
     import soundfile as sf
 
@@ -44,28 +45,33 @@ def corpus(tmp_path_factory):
             wave = 0.3 * np.sin(2 * np.pi * (200 + 50 * (i + 7 * k)) * t)
             wave += 0.05 * np.random.default_rng(i + 100 * k).standard_normal(t.shape)
             sf.write(chapter / f"{utt}.flac", wave, 16000, format="FLAC", subtype="PCM_16")
-            lines.append(f"{utt} {_sentence(speaker + i)}\n")
+            lines.append(f"{utt} {sentence(speaker + i)}\n")
         (chapter / f"{speaker}-1.trans.txt").write_text("".join(lines), encoding="utf-8")
     return root
 
 
-def _command(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "asr.cli", "train",
-            *_args(corpus, run_dir, "--trainer.max_epochs", "2", "--evaluate", "false",
-                   "--checkpoint_every_n_steps", str(STEPS_BETWEEN_CHECKPOINTS), *extra)]
+@pytest.fixture(scope="module")
+def start(train_args, repo_root):
+    """start(corpus, run_dir, *extra, file_size_limit=None) -> an `asr train` child process in a session of its own."""
 
+    def command(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "asr.cli", "train",
+                *train_args(corpus, run_dir, "--trainer.max_epochs", "2", "--evaluate", "false",
+                            "--checkpoint_every_n_steps", str(STEPS_BETWEEN_CHECKPOINTS), *extra)]
 
-def _start(corpus: Path, run_dir: Path, *extra: str, file_size_limit: int | None = None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    def start(corpus: Path, run_dir: Path, *extra: str, file_size_limit: int | None = None) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
 
-    def limits():
-        if file_size_limit is not None:  # a real limit: write() fails with EFBIG past it
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+        def limits():
+            if file_size_limit is not None:  # a real limit: write() fails with EFBIG past it
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    # its own session, so that a signal can go to the whole process group, DataLoader workers included
-    return subprocess.Popen(_command(corpus, run_dir, *extra), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=limits)
+        # its own session, so that a signal can go to the whole process group, DataLoader workers included
+        return subprocess.Popen(command(corpus, run_dir, *extra), cwd=repo_root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=limits)
+
+    return start
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -86,10 +92,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
+def uninterrupted(corpus, tmp_path_factory, start):
     """Final weights and step count of the run that every interrupted run must reproduce."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    proc = _start(corpus, run_dir, "--data.num_workers", "1")
+    proc = start(corpus, run_dir, "--data.num_workers", "1")
     out = _finish(proc)
     assert proc.returncode == 0, out
     weights, steps = _network(run_dir / "last.ckpt")
@@ -97,9 +103,9 @@ def uninterrupted(corpus, tmp_path_factory):
     return weights, steps
 
 
-def _stop(corpus: Path, run_dir: Path, signum: int, to_group: bool) -> tuple[int, str]:
+def _stop(start, corpus: Path, run_dir: Path, signum: int, to_group: bool) -> tuple[int, str]:
     """Start a run, signal it once its first checkpoint exists, return (checkpoint step, output)."""
-    proc = _start(corpus, run_dir, "--data.num_workers", "1")
+    proc = start(corpus, run_dir, "--data.num_workers", "1")
     _wait_for(run_dir / "last.ckpt", proc)
     sent = time.monotonic()
     if to_group:
@@ -119,9 +125,9 @@ def _stop(corpus: Path, run_dir: Path, signum: int, to_group: bool) -> tuple[int
     return step, out
 
 
-def _resume_and_compare(corpus: Path, run_dir: Path, uninterrupted) -> None:
+def _resume_and_compare(start, corpus: Path, run_dir: Path, uninterrupted) -> None:
     expected, total_steps = uninterrupted
-    proc = _start(corpus, run_dir, "--data.num_workers", "1", "--ckpt_path", "last")
+    proc = start(corpus, run_dir, "--data.num_workers", "1", "--ckpt_path", "last")
     out = _finish(proc)
     assert proc.returncode == 0, out
     final, steps = _network(run_dir / "last.ckpt")
@@ -136,22 +142,22 @@ def _resume_and_compare(corpus: Path, run_dir: Path, uninterrupted) -> None:
     (signal.SIGUSR1, False),  # SLURM's warning before the time limit (sbatch --signal=USR1@90)
     (signal.SIGINT, False),  # Ctrl-C
 ], ids=["sigterm-group", "sigusr1", "sigint"])
-def test_a_stop_signal_checkpoints_and_the_resume_is_exact(corpus, tmp_path, uninterrupted, signum, to_group):
+def test_a_stop_signal_checkpoints_and_the_resume_is_exact(corpus, tmp_path, uninterrupted, start, signum, to_group):
     run_dir = tmp_path / "run"
-    step, _ = _stop(corpus, run_dir, signum, to_group)
+    step, _ = _stop(start, corpus, run_dir, signum, to_group)
     assert 0 < step < uninterrupted[1]
-    _resume_and_compare(corpus, run_dir, uninterrupted)
+    _resume_and_compare(start, corpus, run_dir, uninterrupted)
 
 
 @pytest.mark.slow
-def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(corpus, tmp_path, uninterrupted):
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(corpus, tmp_path, uninterrupted, start):
     run_dir = tmp_path / "run"
-    _stop(corpus, run_dir, signal.SIGTERM, to_group=False)
+    _stop(start, corpus, run_dir, signal.SIGTERM, to_group=False)
     checkpoint = run_dir / "last.ckpt"
     before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
     # Every later checkpoint is about as large as this one: a limit just below it makes the next write fail.
-    proc = _start(corpus, run_dir, "--ckpt_path", "last", file_size_limit=checkpoint.stat().st_size - 1)
+    proc = start(corpus, run_dir, "--ckpt_path", "last", file_size_limit=checkpoint.stat().st_size - 1)
     out = _finish(proc)
     assert proc.returncode == 2, out
     assert "Traceback" not in out, out
@@ -160,19 +166,19 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(corpus, tmp
     assert "cannot write the checkpoint" in last_line and "previous checkpoint is intact" in last_line
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == before
     assert not list(run_dir.glob(".last.ckpt.tmp-*")), "the failed write's temporary file is removed"
-    _resume_and_compare(corpus, run_dir, uninterrupted)
+    _resume_and_compare(start, corpus, run_dir, uninterrupted)
 
 
 @pytest.mark.slow
-def test_a_second_trainer_on_a_running_folder_is_refused(corpus, tmp_path):
+def test_a_second_trainer_on_a_running_folder_is_refused(corpus, tmp_path, start, train_args):
     run_dir = tmp_path / "run"
-    proc = _start(corpus, run_dir, "--trainer.max_epochs", "50")
+    proc = start(corpus, run_dir, "--trainer.max_epochs", "50")
     try:
         _wait_for(run_dir / "last.ckpt", proc)
         snapshot = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
         for extra in ([], ["--ckpt_path", "last"]):
             with pytest.raises(UserError, match=rf"another `asr train` \(pid {proc.pid}\) is writing this run folder"):
-                main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false", *extra))
+                main(train_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false", *extra))
         assert proc.poll() is None, "the first trainer runs on"
         changed = [p for p, mtime in snapshot.items() if p.exists() and p.stat().st_mtime_ns != mtime]
         assert not [p for p in changed if p.name in ("config.yaml", "hparams.yaml")], "the refused run wrote"
@@ -180,25 +186,25 @@ def test_a_second_trainer_on_a_running_folder_is_refused(corpus, tmp_path):
         proc.kill()
         proc.communicate()
     # The lock dies with its process, however it dies: the folder can be resumed now.
-    from asr.train import claim_run_folder
+    from asr.training.run_folder import claim_run_folder
 
     claim_run_folder(run_dir, resuming=True).close()
 
 
-def test_a_finished_run_is_not_overwritten_and_a_resume_keeps_its_metrics(corpus, tmp_path, capsys):
+def test_a_finished_run_is_not_overwritten_and_a_resume_keeps_its_metrics(corpus, tmp_path, capsys, train_args):
     run_dir = tmp_path / "run"
-    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false")) == 0
+    assert main(train_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false")) == 0
     files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     metrics = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
     assert len(metrics) > 2
 
     with pytest.raises(UserError, match="holds a run already .*resume it with --ckpt_path last, or train into "
                                         "another folder with --trainer.default_root_dir"):
-        main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false"))
+        main(train_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false"))
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files, "a refused run changed files"
 
-    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "2", "--evaluate", "false",
-                      "--ckpt_path", "last")) == 0
+    assert main(train_args(corpus, run_dir, "--trainer.max_epochs", "2", "--evaluate", "false",
+                           "--ckpt_path", "last")) == 0
     resumed = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
     header = resumed[0].split(",")
     assert resumed[1:len(metrics)] == [_reorder(line, metrics[0], header) for line in metrics[1:]], \
@@ -212,7 +218,7 @@ def _reorder(line: str, old_header: str, new_header: list[str]) -> str:
     return ",".join(row.get(key, "") for key in new_header)
 
 
-def test_checkpoints_by_wall_time(corpus, tmp_path, monkeypatch):
+def test_checkpoints_by_wall_time(corpus, tmp_path, monkeypatch, train_args):
     saved: list[tuple[str, int]] = []
     real_save = AtomicCheckpointIO.save_checkpoint
 
@@ -223,29 +229,30 @@ def test_checkpoints_by_wall_time(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
     run_dir = tmp_path / "run"
     # No step-count checkpoint would come (1000 steps); a checkpoint every ~0 minutes comes every step.
-    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false",
-                      "--checkpoint_every_n_steps", "1000", "--checkpoint_every_minutes", "1e-9")) == 0
+    assert main(train_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false",
+                           "--checkpoint_every_n_steps", "1000", "--checkpoint_every_minutes", "1e-9")) == 0
     steps = [step for name, step in saved if name == "last.ckpt"]
     total = torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"]
     assert total > 3 and set(range(1, total + 1)) <= set(steps), saved
 
     saved.clear()
     run_dir = tmp_path / "run2"
-    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false",
-                      "--checkpoint_every_n_steps", "1000")) == 0
+    assert main(train_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false",
+                           "--checkpoint_every_n_steps", "1000")) == 0
     assert len([1 for name, _ in saved if name == "last.ckpt"]) <= 2, "only the epoch-end saves are left"
 
 
-def test_a_missing_last_checkpoint_is_announced(corpus, tmp_path, capsys):
+def test_a_missing_last_checkpoint_is_announced(corpus, tmp_path, capsys, train_args):
     run_dir = tmp_path / "run"
-    assert main(_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false", "--ckpt_path", "last",
-                      "--trainer.limit_train_batches", "2")) == 0
+    assert main(train_args(corpus, run_dir, "--trainer.max_epochs", "1", "--evaluate", "false", "--ckpt_path", "last",
+                           "--trainer.limit_train_batches", "2")) == 0
     err = capsys.readouterr().err
     assert f"--ckpt_path last: {run_dir / 'last.ckpt'} does not exist, so there is nothing to resume" in err
     assert "training starts at step 0" in err
 
 
-def test_a_skipped_step_under_gradient_accumulation_leaves_everything_as_before_it(corpus, tmp_path, monkeypatch):
+def test_a_skipped_step_under_gradient_accumulation_leaves_everything_as_before_it(corpus, tmp_path, monkeypatch,
+                                                                                   train_args):
     """With accumulate_grad_batches=2, a non-finite loss in the second micro-batch of an optimizer step
     skips the step: weights, optimizer state and BatchNorm statistics are those from before its first
     micro-batch (not merely from before the bad one)."""
@@ -281,8 +288,8 @@ def test_a_skipped_step_under_gradient_accumulation_leaves_everything_as_before_
     monkeypatch.setattr(SpeechRecognizer, "training_step", training_step)
     monkeypatch.setattr(SpeechRecognizer, "_ctc_loss", loss)
     monkeypatch.setattr(SpeechRecognizer, "on_train_batch_end", on_train_batch_end)
-    assert main(_args(corpus, tmp_path / "run", "--trainer.max_epochs", "1", "--evaluate", "false",
-                      "--trainer.accumulate_grad_batches", "2", "--trainer.limit_train_batches", "6")) == 0
+    assert main(train_args(corpus, tmp_path / "run", "--trainer.max_epochs", "1", "--evaluate", "false",
+                           "--trainer.accumulate_grad_batches", "2", "--trainer.limit_train_batches", "6")) == 0
     (weights_before, optimizer_before), (weights_after, optimizer_after) = seen["before"], seen["after"]
     assert any("running_mean" in k for k in weights_before), "the network must have BatchNorm statistics"
     for name, value in weights_before.items():

@@ -10,7 +10,6 @@ import torch
 from asr.decode import GreedyDecoder
 from asr.errors import AudioError
 from asr.transcribe import Transcript, chunk_bounds, transcribe_files, transcribe_wave
-from test_evaluate import ScriptedModel, make_checkpoint, write_audio
 
 SAMPLE_RATE = 16000
 
@@ -29,19 +28,25 @@ def test_chunks_cover_the_wave_and_cut_in_silence():
     assert chunk_bounds(short, SAMPLE_RATE, 10.0) == [(0, SAMPLE_RATE)]
 
 
-class ChunkModel(ScriptedModel):
-    """Recognises "CAT" at the start of every input, whatever its length."""
+@pytest.fixture
+def chunk_model(scripted_model):
+    """A scripted model that recognises "CAT" at the start of every input, whatever its length."""
 
-    def __init__(self):
-        super().__init__({})
+    class ChunkModel(scripted_model):
+        """Recognises "CAT" at the start of every input, whatever its length."""
 
-    def log_probs(self, features, feature_lengths):
-        self.scripts = {int(n): "CAT" for n in feature_lengths.tolist()}
-        return super().log_probs(features, feature_lengths)
+        def __init__(self):
+            super().__init__({})
+
+        def log_probs(self, features, feature_lengths):
+            self.scripts = {int(n): "CAT" for n in feature_lengths.tolist()}
+            return super().log_probs(features, feature_lengths)
+
+    return ChunkModel()
 
 
-def test_long_audio_is_recognised_in_chunks_with_file_times():
-    model = ChunkModel()
+def test_long_audio_is_recognised_in_chunks_with_file_times(chunk_model):
+    model = chunk_model
     wave = torch.zeros(int(7.5 * SAMPLE_RATE))
     text, words = transcribe_wave(model, GreedyDecoder(model.tokenizer), wave, chunk_seconds=3.0)
     # silence everywhere: cuts at the 80% point of the search window or later; every chunk says CAT
@@ -53,10 +58,10 @@ def test_long_audio_is_recognised_in_chunks_with_file_times():
     assert all(w.end - w.start == pytest.approx(0.05) for w in words)
 
 
-def test_bad_files_are_reported_and_others_transcribed(tmp_path):
+def test_bad_files_are_reported_and_others_transcribed(tmp_path, scripted_model, write_audio):
     frames_of = write_audio(tmp_path / "good.wav", 0.5)
     (tmp_path / "junk.wav").write_bytes(b"RIFF not really a wav file")
-    model = ScriptedModel({frames_of: "HELLO WORLD"})
+    model = scripted_model({frames_of: "HELLO WORLD"})
     paths = [str(tmp_path / "junk.wav"), str(tmp_path / "good.wav"), str(tmp_path / "absent.flac")]
     results = list(transcribe_files(model, GreedyDecoder(model.tokenizer), paths))
     assert isinstance(results[0], AudioError) and isinstance(results[2], AudioError)
@@ -66,7 +71,7 @@ def test_bad_files_are_reported_and_others_transcribed(tmp_path):
     assert results[1].duration == pytest.approx(0.5)
 
 
-def test_command_text_json_and_exit_status(tmp_path, capsys):
+def test_command_text_json_and_exit_status(tmp_path, capsys, make_checkpoint, write_audio):
     from asr.cli import main
 
     ckpt = make_checkpoint(tmp_path / "m.ckpt")
@@ -93,7 +98,7 @@ def test_command_text_json_and_exit_status(tmp_path, capsys):
     assert "--chunk-seconds" in capsys.readouterr().err
 
 
-def test_command_with_beam_search(tmp_path, capsys):
+def test_command_with_beam_search(tmp_path, capsys, make_checkpoint, write_audio):
     from asr.cli import main
     from asr.lm import build_arpa
 

@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 
 from asr.errors import AudioError, printable
+from asr.fileio import atomic_write
 
 SAMPLE_RATE = 16000  # Hz, what every model in this project consumes
 SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
@@ -103,13 +104,9 @@ def init_decode_worker() -> None:
 
 
 def save_flac(path: str | os.PathLike, wave: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write 16-bit FLAC atomically (temp file + rename), so an interrupted write leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write 16-bit FLAC atomically (asr.fileio), so an interrupted write leaves no partial file."""
     data = wave.numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
-    tmp = path.with_name(path.name + ".part")
-    sf.write(os.fsencode(tmp), np.clip(data, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: sf.write(f, np.clip(data, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16"))
 
 
 def _open(path: str | os.PathLike) -> sf.SoundFile:

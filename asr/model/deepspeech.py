@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from asr.errors import UserError
+from asr.errors import UserError, check_range
 from asr.ops import CLIP_CEILING, recurrence
 
 CELLS = ("relu", "tanh", "gru")  # relu is Deep Speech 2's clipped ReLU, min(max(x, 0), 20)
@@ -49,10 +49,10 @@ class DeepSpeechConfig:
             raise UserError(f"merge_directions {self.merge_directions!r}: expected one of {MERGES}")
         if not (len(self.conv_channels) == len(self.conv_kernels) == len(self.conv_strides)) or not self.conv_channels:
             raise UserError("conv_channels, conv_kernels and conv_strides must be non-empty and of equal length")
-        if self.rnn_layers < 1 or self.rnn_hidden < 1 or self.vocab_size < 2 or self.n_mels < 1:
-            raise UserError("rnn_layers, rnn_hidden, n_mels must be positive and vocab_size at least 2")
-        if self.lookahead < 0 or (self.lookahead and self.bidirectional):
-            raise UserError("lookahead must be >= 0, and only a unidirectional model uses it")
+        for name, low in (("rnn_layers", 1), ("rnn_hidden", 1), ("n_mels", 1), ("vocab_size", 2), ("lookahead", 0)):
+            check_range(name, getattr(self, name), low=low)
+        if self.lookahead and self.bidirectional:
+            raise UserError(f"lookahead {self.lookahead}: only a unidirectional model uses it (set bidirectional false)")
 
     @property
     def time_stride(self) -> int:
@@ -169,26 +169,8 @@ class RecurrentLayer(nn.Module):
             nn.init.uniform_(self.input_projection.weight, -bound, bound)
             nn.init.uniform_(self.input_projection.bias, -bound, bound)
         self.output_size = H * (D if self.merge == "concat" else 1)
-        self.op_timer = None  # an asr.model.timing.OpTimer while training measures the op
-
-    def _recurrence(self, u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """u (T, N, D, H) -> y (T, N, D, H) through asr.ops."""
-        activation = CELL_ACTIVATION[self.cell]
-        # Under autocast the projection yields bf16/fp16 while the parameter stays fp32; the op takes one dtype.
-        w_hh = self.w_hh if self.w_hh.dtype == u.dtype else self.w_hh.to(u.dtype)
-        if self.directions == 1:
-            def call(u1):  # u1 (T, N, H): the one-direction form of the op
-                return recurrence(u1, w_hh[0], lengths=lengths, activation=activation, backend=self.backend)
-            u = u[:, :, 0]
-        else:
-            def call(u2):
-                return recurrence(u2, w_hh, lengths=lengths, activation=activation, backend=self.backend)
-        if self.op_timer is None:
-            y, _ = call(u)
-        else:
-            T, N = u.shape[:2]
-            y, _ = self.op_timer.run(call, u, forward_flops=2.0 * T * N * self.directions * self.hidden**2)
-        return y if self.directions == 2 else y.unsqueeze(2)  # (T, N, D, H)
+        if self.cell != "gru":
+            self.recurrence = Recurrence(CELL_ACTIVATION[self.cell], self.backend)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (T, N, C), lengths (N,) int64 on the CPU, mask (T, N) bool on x's device -> (T, N, output_size)."""
@@ -198,20 +180,35 @@ class RecurrentLayer(nn.Module):
         H, D = self.hidden, self.directions
         if self.cell == "gru":
             packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
-            if self.op_timer is None:
-                y, _ = self.gru(packed)
-            else:  # the whole torch GRU call is timed: recurrent GEMMs (3 gates) and its input GEMM
-                C = x.shape[-1]
-                flops = 2.0 * T * N * D * 3 * H * (H + C)
-                y, _ = self.op_timer.run(self.gru, packed, forward_flops=flops)
+            y, _ = self.gru(packed)
             y, _ = pad_packed_sequence(y, total_length=T)  # (T, N, D*H)
             y = y.view(T, N, D, H)  # (T, N, D, H)
         else:
             u = self.input_projection(x).view(T, N, D, H)  # one GEMM for all timesteps: (T, N, D, H)
-            y = self._recurrence(u, lengths)  # (T, N, D, H)
+            # Under autocast the projection yields bf16/fp16 while the parameter stays fp32; the op takes one dtype.
+            w_hh = self.w_hh if self.w_hh.dtype == u.dtype else self.w_hh.to(u.dtype)
+            y = self.recurrence(u, w_hh, lengths)  # (T, N, D, H)
         if self.merge == "sum":
             return y.sum(dim=2)  # (T, N, H)
         return y.reshape(T, N, D * H)  # (T, N, D*H)
+
+
+class Recurrence(nn.Module):
+    """The recurrent op (asr.ops.recurrence) as a module without parameters: what training's op
+    timing hooks onto (asr.training.timing), so the network itself knows nothing of timing."""
+
+    def __init__(self, activation: str, backend: str):
+        super().__init__()
+        self.activation = activation
+        self.backend = backend
+
+    def forward(self, u: torch.Tensor, w_hh: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """u (T, N, D, H), w_hh (D, H, H), lengths (N,) -> y (T, N, D, H)."""
+        if u.shape[2] == 1:  # the one-direction form of the op
+            y, _ = recurrence(u[:, :, 0], w_hh[0], lengths=lengths, activation=self.activation, backend=self.backend)
+            return y.unsqueeze(2)
+        y, _ = recurrence(u, w_hh, lengths=lengths, activation=self.activation, backend=self.backend)
+        return y
 
 
 class Lookahead(nn.Module):
