@@ -89,20 +89,23 @@ class OpTiming(Callback):
         if started is None:
             return
         start, u = started
-        self._add(start, self._mark(u.device))
+        device = u.device
+        self._add(start, self._mark(device))
         flops = forward_flops(module, inputs)
         self.flops += flops
         y = output[0] if isinstance(output, tuple) else output
         y = y.data if isinstance(y, PackedSequence) else y
         if torch.is_grad_enabled() and y.requires_grad and u.requires_grad:
             backward_start = {}
+            # The hooks must not hold u or y: a tensor whose own hook refers to it is a cycle through
+            # autograd's C++ side that Python's collector cannot free (every step's graph would leak).
 
             def output_grad_ready(grad):
-                backward_start["t"] = self._mark(u.device)
+                backward_start["t"] = self._mark(device)
 
             def input_grad_ready(grad):
                 if "t" in backward_start:
-                    self._add(backward_start.pop("t"), self._mark(u.device))
+                    self._add(backward_start.pop("t"), self._mark(device))
                     self.flops += BACKWARD_FLOP_FACTOR * flops
 
             y.register_hook(output_grad_ready)
