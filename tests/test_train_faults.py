@@ -29,25 +29,8 @@ STEPS_BETWEEN_CHECKPOINTS = 3
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, sentence):
-    import numpy as np
-    import soundfile as sf
-
-    root = tmp_path_factory.mktemp("corpus")
-    splits = {"train": (24, 100), "dev": (4, 200), "test-clean": (3, 300), "test-unseen-voice": (3, 400)}
-    for k, (split, (count, speaker)) in enumerate(splits.items()):
-        chapter = root / "LibriSpeech" / split / str(speaker) / "1"
-        chapter.mkdir(parents=True)
-        lines = []
-        for i in range(count):
-            utt = f"{speaker}-1-{i:04d}"
-            t = np.arange(int((0.8 + 0.1 * (i % 5)) * 16000)) / 16000
-            wave = 0.3 * np.sin(2 * np.pi * (200 + 50 * (i + 7 * k)) * t)
-            wave += 0.05 * np.random.default_rng(i + 100 * k).standard_normal(t.shape)
-            sf.write(chapter / f"{utt}.flac", wave, 16000, format="FLAC", subtype="PCM_16")
-            lines.append(f"{utt} {sentence(speaker + i)}\n")
-        (chapter / f"{speaker}-1.trans.txt").write_text("".join(lines), encoding="utf-8")
-    return root
+def corpus(tmp_path_factory, write_tiny_corpus):
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -81,10 +81,7 @@ class _KeepingExperimentWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             rows = [row for row in reader if _row_step(row) < step]
-        if not rows:
-            path.unlink()
-            return
-        out = io.StringIO()
+        out = io.StringIO()  # rewritten, never deleted: with no row left it keeps its header
         writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
