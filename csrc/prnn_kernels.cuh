@@ -45,7 +45,8 @@ struct KernelArgs {
   // both
   const void* w;        // [D,H,H]
   const int32_t* lengths;  // [N] or null
-  float* state;         // workspace: 2 x [N,D,H] fp32 ping-pong
+  float* state;         // workspace: 2 x [N,D,H] fp32 ping-pong (v1)
+  unsigned long long* ring;       // workspace: kernel v2's exchange ring (prnn_v2.cuh), zeroed before launch
   unsigned int* barrier_counter;  // workspace: zeroed before launch
   unsigned int* status;           // workspace: kStatusWords, zeroed before launch (see KernelStatus)
   unsigned long long barrier_timeout_ns;  // longest wait at one grid barrier before giving up

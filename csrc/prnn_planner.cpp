@@ -254,4 +254,226 @@ void describe_plan(const Plan& p, char* out, size_t len) {
                p.regs_per_thread);
 }
 
+// ---- kernel v2 ------------------------------------------------------------------------------------
+
+namespace {
+const char* v2_precision_name(int precision, int elem_bytes) {
+  if (precision == kV2Mma16) return elem_bytes == 2 ? "bf16/fp16 (mma m16n8k16)" : "?";
+  return precision == kV2Tf32 ? "fp32 as 1xTF32 (mma m16n8k8)" : "fp32 as 3xTF32 (mma m16n8k8)";
+}
+}  // namespace
+
+long long v2_ring_bytes_for(int batch, int directions, int hidden, int elem_bytes) {
+  const long long np = round_up(batch > 0 ? batch : 1, kV2BatchTile), hp = round_up(hidden, kV2RowTile);
+  const long long words_per_row = elem_bytes == 2 ? hp / 2 : hp;
+  return static_cast<long long>(kV2RingSlots) * directions * np * words_per_row * 8;
+}
+
+bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_t len) {
+  const long long H = p.hidden;
+  const bool mma16 = p.precision == kV2Mma16;
+  if ((mma16 ? p.elem_bytes != 2 || p.k_tile != 16 || p.elems_per_word != 2
+             : p.elem_bytes != 4 || p.k_tile != 8 || p.elems_per_word != 1 ||
+                   (p.precision != kV2Tf32 && p.precision != kV2Tf32x3))) {
+    write_reason(reason, len, "v2 plan: precision %d does not match %d-byte storage", p.precision, p.elem_bytes);
+    return false;
+  }
+  if (p.hidden_padded != round_up(H, kV2RowTile) || p.k_steps * p.k_tile != p.hidden_padded) {
+    write_reason(reason, len, "v2 plan: %d k steps of %d do not tile hidden %lld", p.k_steps, p.k_tile, H);
+    return false;
+  }
+  if (p.blocks != p.blocks_per_dir * p.directions || p.rows_per_block % kV2RowTile != 0 ||
+      p.m_tiles * kV2RowTile != p.rows_per_block ||
+      static_cast<long long>(p.blocks_per_dir) * p.rows_per_block < H ||
+      static_cast<long long>(p.blocks_per_dir - 1) * p.rows_per_block >= H) {
+    write_reason(reason, len, "v2 plan: %d blocks of %d rows do not tile hidden %lld", p.blocks_per_dir,
+                 p.rows_per_block, H);
+    return false;
+  }
+  if (p.k_splits < 1 || static_cast<long long>(p.k_splits) * p.k_steps_per_warp < p.k_steps ||
+      static_cast<long long>(p.k_splits - 1) * p.k_steps_per_warp >= p.k_steps) {
+    write_reason(reason, len, "v2 plan: %d splits of %d k steps do not tile %d steps", p.k_splits,
+                 p.k_steps_per_warp, p.k_steps);
+    return false;
+  }
+  bool known_reg_steps = false;
+  for (int r : kV2RegStepChoices) known_reg_steps |= r == p.reg_steps;
+  const int in_regs = p.k_steps_per_warp < p.reg_steps ? p.k_steps_per_warp : p.reg_steps;
+  if (!known_reg_steps || p.smem_steps != p.k_steps_per_warp - in_regs || (p.precision == kV2Tf32x3 && p.reg_steps > 4)) {
+    write_reason(reason, len, "v2 plan: %d register + %d shared-memory steps for %d steps per warp", p.reg_steps,
+                 p.smem_steps, p.k_steps_per_warp);
+    return false;
+  }
+  if (p.warps != p.m_tiles * p.k_splits || p.warps > kV2MaxWarps || p.threads != p.warps * kWarpSize ||
+      p.threads > dev.max_threads_per_block) {
+    write_reason(reason, len, "v2 plan: %d warps (%d m tiles x %d k splits) exceed %d", p.warps, p.m_tiles,
+                 p.k_splits, kV2MaxWarps);
+    return false;
+  }
+  if (p.batch_padded != round_up(p.batch, kV2BatchTile) || p.n_tiles * kV2BatchTile != p.batch_padded ||
+      p.chunk_tiles < 1 || p.chunk_tiles > p.n_tiles) {
+    write_reason(reason, len, "v2 plan: %d n tiles in chunks of %d for batch %d", p.n_tiles, p.chunk_tiles, p.batch);
+    return false;
+  }
+  const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
+  const long long red_bytes = static_cast<long long>(p.k_splits) * p.chunk_tiles * kV2BatchTile * p.rows_per_block * 4;
+  const long long len_bytes = static_cast<long long>(p.batch_padded + p.n_tiles) * 4;  // lengths, tile flags
+  const long long b_bytes = static_cast<long long>(p.chunk_tiles) * kV2BatchTile * p.b_row_words * 4;
+  if (p.b_row_words != p.hidden_padded / p.elems_per_word + 4 || p.smem_a_offset != 0 ||
+      p.smem_red_offset % kSmemAlign || p.smem_b_offset % kSmemAlign || p.smem_len_offset % kSmemAlign ||
+      a_bytes > p.smem_red_offset || p.smem_red_offset + red_bytes > p.smem_b_offset ||
+      p.smem_b_offset + b_bytes > p.smem_len_offset || p.smem_len_offset + len_bytes > p.smem_bytes) {
+    write_reason(reason, len, "v2 plan: shared-memory regions overlap or overflow");
+    return false;
+  }
+  if (static_cast<size_t>(p.smem_bytes) > usable_smem_per_block(dev)) {
+    write_reason(reason, len, "v2 plan: %.1f KiB of shared memory per block exceeds the device's %.1f KiB",
+                 kib(p.smem_bytes), kib(static_cast<double>(usable_smem_per_block(dev))));
+    return false;
+  }
+  if (p.ring_words != v2_ring_bytes_for(p.batch, p.directions, p.hidden, p.elem_bytes) / 8) {
+    write_reason(reason, len, "v2 plan: ring of %lld words, expected %lld", p.ring_words,
+                 v2_ring_bytes_for(p.batch, p.directions, p.hidden, p.elem_bytes) / 8);
+    return false;
+  }
+  const int per_sm = blocks_per_sm_for(dev, p.threads, p.regs_per_thread, p.smem_bytes);
+  if (per_sm < 1 || per_sm != p.blocks_per_sm) {
+    write_reason(reason, len, "v2 plan: %d blocks per SM recorded, %d allowed", p.blocks_per_sm, per_sm);
+    return false;
+  }
+  // One block per SM is the plan; every block polls its peers, so all must be resident.
+  if (p.blocks > dev.sm_count) {
+    write_reason(reason, len, "v2 plan: %d blocks for %d SMs", p.blocks, dev.sm_count);
+    return false;
+  }
+  return true;
+}
+
+bool make_plan_v2(const DeviceLimits& dev, const ProblemShape& s, int precision, int regs_per_thread, PlanV2* out,
+                  char* reason, size_t len) {
+  if (s.hidden < 1 || s.batch < 1 || s.time_steps < 0 || (s.directions != 1 && s.directions != 2) ||
+      (s.elem_bytes != 2 && s.elem_bytes != 4)) {
+    write_reason(reason, len, "invalid problem: T=%d N=%d D=%d H=%d element bytes %d", s.time_steps, s.batch,
+                 s.directions, s.hidden, s.elem_bytes);
+    return false;
+  }
+  const bool mma16 = s.elem_bytes == 2;
+  if (mma16 ? precision != kV2Mma16 : (precision != kV2Tf32 && precision != kV2Tf32x3)) {
+    write_reason(reason, len, "v2: precision %d is not available for %d-byte storage", precision, s.elem_bytes);
+    return false;
+  }
+  if (regs_per_thread <= 0) regs_per_thread = kKernelMaxRegsPerThread;
+  PlanV2 p = {};
+  p.time_steps = s.time_steps;
+  p.batch = s.batch;
+  p.directions = s.directions;
+  p.hidden = s.hidden;
+  p.elem_bytes = s.elem_bytes;
+  p.precision = precision;
+  p.regs_per_thread = regs_per_thread;
+  p.k_tile = mma16 ? 16 : 8;
+  p.elems_per_word = mma16 ? 2 : 1;
+  p.hidden_padded = static_cast<int>(round_up(s.hidden, kV2RowTile));
+  p.k_steps = p.hidden_padded / p.k_tile;
+  const long long H = s.hidden;
+
+  // Rows per block: the smallest multiple of 16 whose grid (one block per SM) fits the device.
+  const int max_blocks_per_dir = dev.sm_count / s.directions;
+  if (max_blocks_per_dir < 1) {
+    write_reason(reason, len, "v2: the device has %d SMs, fewer than the %d directions", dev.sm_count, s.directions);
+    return false;
+  }
+  p.rows_per_block = static_cast<int>(round_up(ceil_div(H, max_blocks_per_dir), kV2RowTile));
+  p.m_tiles = p.rows_per_block / kV2RowTile;
+  p.blocks_per_dir = static_cast<int>(ceil_div(H, p.rows_per_block));
+  p.blocks = p.blocks_per_dir * s.directions;
+  const int max_warps = [&] {
+    int w = kV2MaxWarps;
+    const int by_threads = dev.max_threads_per_block / kWarpSize;
+    if (by_threads < w) w = by_threads;
+    const int per_warp = regs_per_warp(regs_per_thread);
+    if (dev.regs_per_block / per_warp < w) w = dev.regs_per_block / per_warp;
+    if (dev.regs_per_sm / per_warp < w) w = dev.regs_per_sm / per_warp;
+    return w;
+  }();
+  const double weights_mib = mib(static_cast<double>(H) * H * s.elem_bytes * s.directions);
+  if (p.m_tiles > max_warps) {
+    write_reason(reason, len,
+                 "v2: hidden %lld x %d direction(s) (%.1f MiB of %s weights) needs %d rows per block on %d SMs, "
+                 "i.e. %d warps of 16 rows, more than the %d warps a block may have",
+                 H, s.directions, weights_mib, v2_precision_name(precision, s.elem_bytes), p.rows_per_block,
+                 dev.sm_count, p.m_tiles, max_warps);
+    return false;
+  }
+  int k_splits = max_warps / p.m_tiles;
+  if (k_splits > p.k_steps) k_splits = p.k_steps;
+  p.k_steps_per_warp = static_cast<int>(ceil_div(p.k_steps, k_splits));
+  p.k_splits = static_cast<int>(ceil_div(p.k_steps, p.k_steps_per_warp));
+  p.warps = p.m_tiles * p.k_splits;
+  p.threads = p.warps * kWarpSize;
+  // 3xTF32 splits each A register into hi and lo at use: 8 register steps spill (ptxas), so 4.
+  const int max_reg_steps = precision == kV2Tf32x3 ? 4 : kV2MaxRegSteps;
+  p.reg_steps = max_reg_steps;
+  for (int r : kV2RegStepChoices) {
+    if (r >= p.k_steps_per_warp && r <= max_reg_steps) {
+      p.reg_steps = r;
+      break;
+    }
+  }
+  const int in_regs = p.k_steps_per_warp < p.reg_steps ? p.k_steps_per_warp : p.reg_steps;
+  p.smem_steps = p.k_steps_per_warp - in_regs;
+
+  p.batch_padded = static_cast<int>(round_up(s.batch, kV2BatchTile));
+  p.n_tiles = p.batch_padded / kV2BatchTile;
+  const long long usable = static_cast<long long>(usable_smem_per_block(dev));
+  const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
+  const long long len_bytes = round_up(static_cast<long long>(p.batch_padded + p.n_tiles) * 4, kSmemAlign);
+  p.b_row_words = p.hidden_padded / p.elems_per_word + 4;
+  const long long red_per_tile = static_cast<long long>(p.k_splits) * kV2BatchTile * p.rows_per_block * 4;
+  const long long b_per_tile = static_cast<long long>(kV2BatchTile) * p.b_row_words * 4;
+  const long long per_tile = red_per_tile + b_per_tile;
+  const long long room = usable - a_bytes - len_bytes - 2 * kSmemAlign;
+  if (room < per_tile) {
+    write_reason(reason, len,
+                 "v2: hidden %lld x %d direction(s) (%.1f MiB of %s weights): each of %d blocks keeps %d rows, "
+                 "%d k steps per warp of which %d in registers and %d (%.1f KiB) in shared memory, plus %.1f KiB "
+                 "of staged state and partial sums per tile of 8 sequences; this device allows %.1f KiB of "
+                 "shared memory per block",
+                 H, s.directions, weights_mib, v2_precision_name(precision, s.elem_bytes), p.blocks,
+                 p.rows_per_block, p.k_steps_per_warp, in_regs, p.smem_steps, kib(static_cast<double>(a_bytes)),
+                 kib(static_cast<double>(per_tile)), kib(static_cast<double>(usable)));
+    return false;
+  }
+  long long chunk = room / per_tile;
+  if (chunk > p.n_tiles) chunk = p.n_tiles;
+  p.chunk_tiles = static_cast<int>(chunk);
+  p.smem_a_offset = 0;
+  p.smem_red_offset = static_cast<int>(round_up(a_bytes, kSmemAlign));
+  p.smem_b_offset = static_cast<int>(p.smem_red_offset + round_up(chunk * red_per_tile, kSmemAlign));
+  p.smem_len_offset = static_cast<int>(p.smem_b_offset + round_up(chunk * b_per_tile, kSmemAlign));
+  p.smem_bytes = static_cast<int>(p.smem_len_offset + len_bytes);
+  p.ring_words = v2_ring_bytes_for(s.batch, s.directions, s.hidden, s.elem_bytes) / 8;
+  p.blocks_per_sm = blocks_per_sm_for(dev, p.threads, regs_per_thread, p.smem_bytes);
+  if (p.blocks_per_sm < 1) {
+    write_reason(reason, len, "v2: a block of %d threads and %.1f KiB shared memory cannot be resident", p.threads,
+                 kib(p.smem_bytes));
+    return false;
+  }
+  if (!check_plan_v2(dev, p, reason, len)) return false;
+  *out = p;
+  if (reason != nullptr && len > 0) reason[0] = '\0';
+  return true;
+}
+
+void describe_plan_v2(const PlanV2& p, char* out, size_t len) {
+  write_reason(out, len,
+               "v2 T=%d N=%d D=%d H=%d %s: %d blocks (%d/direction) x %d threads; %d rows/block (%d m tiles), "
+               "%d k steps of %d in %d splits of %d (%d in registers, %d in shared memory); %d n tiles in chunks "
+               "of %d; smem %.1f KiB; ring %.1f KiB; %d regs/thread",
+               p.time_steps, p.batch, p.directions, p.hidden, v2_precision_name(p.precision, p.elem_bytes), p.blocks,
+               p.blocks_per_dir, p.threads, p.rows_per_block, p.m_tiles, p.k_steps, p.k_tile, p.k_splits,
+               p.k_steps_per_warp, p.k_steps_per_warp - p.smem_steps, p.smem_steps, p.n_tiles, p.chunk_tiles,
+               kib(p.smem_bytes), kib(static_cast<double>(v2_ring_bytes(p))), p.regs_per_thread);
+}
+
 }  // namespace prnn

@@ -120,4 +120,93 @@ PRNN_HD int plan_k_end(const Plan& p, int k_split) {
   return e < p.hidden ? e : p.hidden;
 }
 
+// ---- Kernel v2: tensor cores and a data-flow exchange (prnn_v2.cuh) -------------------------------
+//
+// Tiling, per direction d and pass (forward W, backward-data W^T):
+//   * blocks_per_dir blocks own consecutive slices of rows_per_block output rows (a multiple of 16,
+//     the MMA M; the last block may own fewer valid rows, the rest are zero). One block per SM.
+//   * A block's rows form m_tiles tiles of 16; the reduction axis (H padded to hidden_padded, a
+//     multiple of 16) is cut into k_steps steps of k_tile (16 for bf16/fp16 m16n8k16, 8 for tf32
+//     m16n8k8), and the steps into k_splits contiguous ranges of k_steps_per_warp.
+//     Warp w owns m tile w / k_splits and k range w % k_splits, and keeps its A fragments for the whole
+//     launch: reg_steps steps in registers (a template value), the rest (smem_steps) in shared memory.
+//   * The batch is the MMA N dimension, in tiles of 8 sequences; n tiles are processed chunk_tiles
+//     at a time (partials of the k_splits warps are summed through shared memory).
+//   * No grid barrier: a block publishes its slice of the new state into a two-slot ring in the
+//     workspace as 8-byte words, 32 bits of payload (two bf16/fp16 or one fp32) and 32 bits of step
+//     tag, written with one store; readers poll the words they need until the tag is theirs. All
+//     threads of a block copy the payloads of a chunk's tiles into shared memory at once (one L2
+//     round trip per chunk and step), where the warps read their B fragments.
+enum V2Precision : int { kV2Mma16 = 0, kV2Tf32 = 1, kV2Tf32x3 = 3 };
+// Kernel instantiations (reg_steps template values). 16 register steps (64 A registers) spill under
+// the 128-register cap of __launch_bounds__(512, 1) (ptxas, sm_80 and sm_90), so steps past 8 live in
+// shared memory.
+constexpr int kV2RegStepChoices[] = {4, 8};
+constexpr int kV2MaxRegSteps = 8;
+constexpr int kV2MaxWarps = 16;                  // __launch_bounds__(512, 1)
+constexpr int kV2RowTile = 16;
+constexpr int kV2BatchTile = 8;
+constexpr int kV2RingSlots = 2;
+
+struct PlanV2 {
+  int time_steps, batch, directions, hidden, elem_bytes;
+  int precision;        // V2Precision
+  int k_tile;           // 16 (m16n8k16) or 8 (m16n8k8 tf32)
+  int elems_per_word;   // payload elements per exchange word: 2 (16-bit) or 1 (fp32)
+  int hidden_padded;    // H rounded up to 16
+  int k_steps;          // hidden_padded / k_tile
+  int blocks_per_dir, blocks;
+  int rows_per_block;   // multiple of 16
+  int m_tiles;          // rows_per_block / 16
+  int k_splits;         // warps per m tile
+  int k_steps_per_warp; // every split but possibly the last has this many steps
+  int reg_steps;        // register-resident steps per warp (template value)
+  int smem_steps;       // steps per warp kept in shared memory (k_steps_per_warp - reg_steps, >= 0)
+  int warps, threads;
+  int batch_padded;     // N rounded up to 8
+  int n_tiles;          // batch_padded / 8
+  int chunk_tiles;      // n tiles per pass through the partials buffer
+  int regs_per_thread;  // the register count the plan assumes (kKernelMaxRegsPerThread)
+  int blocks_per_sm;
+  int smem_a_offset;    // uint32 [warps][smem_steps][32][4]
+  int smem_red_offset;  // float [k_splits][chunk_tiles * 8][rows_per_block]
+  int smem_b_offset;    // uint32 [chunk_tiles * 8][b_row_words]: the staged previous state (payloads)
+  int b_row_words;      // hidden_padded / elems_per_word + 4 (the pad spreads the 8 sequences over banks)
+  int smem_len_offset;  // int [batch_padded] sequence lengths, then int [n_tiles] per-step tile flags
+  int smem_bytes;
+  long long ring_words; // kV2RingSlots * D * batch_padded * (hidden_padded / elems_per_word)
+};
+
+// precision: kV2Mma16 for 16-bit storage (elem_bytes 2), kV2Tf32 or kV2Tf32x3 for fp32.
+bool make_plan_v2(const DeviceLimits& dev, const ProblemShape& shape, int precision, int regs_per_thread,
+                  PlanV2* plan, char* reason, size_t reason_len);
+bool check_plan_v2(const DeviceLimits& dev, const PlanV2& plan, char* reason, size_t reason_len);
+void describe_plan_v2(const PlanV2& plan, char* out, size_t out_len);
+// Bytes of the exchange ring (the workspace holds it after its header).
+inline long long v2_ring_bytes(const PlanV2& p) { return p.ring_words * 8; }
+// The ring size for a problem without a device (the workspace size query has none): the largest
+// any plan of the shape can need (the ring does not depend on the tiling).
+long long v2_ring_bytes_for(int batch, int directions, int hidden, int elem_bytes);
+
+PRNN_HD int v2_direction(const PlanV2& p, int block) { return block / p.blocks_per_dir; }
+PRNN_HD int v2_row_begin(const PlanV2& p, int block) { return (block % p.blocks_per_dir) * p.rows_per_block; }
+PRNN_HD int v2_rows_in_block(const PlanV2& p, int block) {
+  const int rest = p.hidden - v2_row_begin(p, block);
+  return rest < p.rows_per_block ? rest : p.rows_per_block;
+}
+PRNN_HD int v2_warp_m_tile(const PlanV2& p, int warp) { return warp / p.k_splits; }
+PRNN_HD int v2_warp_k_split(const PlanV2& p, int warp) { return warp % p.k_splits; }
+PRNN_HD int v2_k_step_begin(const PlanV2& p, int k_split) { return k_split * p.k_steps_per_warp; }
+PRNN_HD int v2_k_steps_in_split(const PlanV2& p, int k_split) {
+  const int rest = p.k_steps - v2_k_step_begin(p, k_split);
+  return rest < p.k_steps_per_warp ? (rest > 0 ? rest : 0) : p.k_steps_per_warp;
+}
+// The block that produces state row `row` of direction d (the owner of that output row).
+PRNN_HD int v2_producer_block(const PlanV2& p, int d, int row) { return d * p.blocks_per_dir + row / p.rows_per_block; }
+// Word index in the ring: slot, direction, sequence, word along k (k / elems_per_word).
+PRNN_HD long long v2_ring_index(const PlanV2& p, int slot, int d, int n, int kword) {
+  const long long words_per_row = p.hidden_padded / p.elems_per_word;
+  return ((static_cast<long long>(slot) * p.directions + d) * p.batch_padded + n) * words_per_row + kword;
+}
+
 }  // namespace prnn

@@ -1,0 +1,466 @@
+// prnn_v2.cuh - persistent recurrent kernel v2: tensor cores, and a data-flow exchange instead of a
+// grid barrier (the tiling is described in prnn_planner.h, "Kernel v2").
+//
+//   forward:        h_t  = act(u_t + W h_{t-1})              A = W[rows, :]
+//   backward-data:  du_t = (dy_t + W^T du_{t+1}) * act'(y_t) A = W^T[rows, :]
+//
+// Each warp keeps its A fragments (mma.sync layout, prnn_fragments.h) for the whole launch, in
+// registers and, past reg_steps k steps, in shared memory. Per step and per tile of 8 sequences it
+// reads the B fragments (the previous state, in the MMA input type) straight from the exchange
+// ring: each 8-byte word is {payload, step tag}, written by the producing block in one store, so a
+// reader that sees the tag it waits for also sees the payload; there is no flag to order against the
+// data and no grid-wide barrier. Partial sums of the warps that split k meet in shared memory; the
+// epilogue applies the activation, writes y (or du) and publishes the block's rows for the next step.
+//
+// Why two ring slots suffice: a block writes step s into slot s & 1 only after it has read step
+// s-1 from every producer of its k range (= all rows), and each producer wrote step s-1 only after
+// it had finished reading step s-2 from that slot. Tags only grow within a slot, so a tag above the
+// awaited one can only mean a broken protocol: the kernel records that as an error instead of using
+// it. Ragged batches: a tile of 8 sequences whose sequences have all ended (or, backward, not yet
+// begun) costs no polling and no MMA, only the zero stores of its outputs.
+//
+// Every wait is bounded (globaltimer): past the bound a block records who it waited for and all
+// blocks leave; the launch then reports PRNN_STATUS_TIMEOUT through the workspace's status record.
+//
+// Status: compiled in CI (sm_80, sm_90) with ptxas resource checks; run on CPU threads by
+// csrc/tests/prnn_v2_emulation_test.cpp (fragments, the whole kernel for bf16/fp16/fp32 and the
+// exchange under a memory that delays writes and returns stale values); NOT yet run on a GPU.
+#pragma once
+
+#include <stdint.h>
+
+#include "prnn_fragments.h"
+#include "prnn_kernels.cuh"  // activations, KernelArgs, the status record, sequence_length, dynamic_smem
+#include "prnn_planner.h"
+
+namespace prnn {
+
+enum KernelStatusV2 : unsigned int { kKernelExchangeTimeout = 2, kKernelExchangeProtocol = 3 };
+
+// ---- element access by storage type ------------------------------------------------------------
+template <typename T> struct Elem;
+template <> struct Elem<float> {
+  static __device__ __forceinline__ float load(const float* p) { return *p; }
+  static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
+};
+#ifndef PRNN_HOST_EMULATION
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+  static __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+};
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+  static __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
+};
+
+// ---- the few instructions the emulation test supplies for CPU threads ---------------------------
+template <typename T> __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                                     const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// cvt.rna.tf32.f32: the tf32 value as fp32 bits with the low 13 bits zero.
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float bits_as_float(uint32_t u) { return __uint_as_float(u); }
+__device__ __forceinline__ uint32_t float_as_bits(float f) { return __float_as_uint(f); }
+// Exchange words: strong (relaxed, gpu scope) 64-bit accesses, single-copy atomic, never served from
+// a stale L1 line.
+__device__ __forceinline__ unsigned long long ring_load(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void ring_store(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ bool warp_any(bool v) { return __any_sync(0xffffffffu, v) != 0; }
+#endif  // PRNN_HOST_EMULATION
+
+constexpr unsigned int kExchangePollsPerClockCheck = 256;
+constexpr int kV2LoadChunk = 4;  // k steps of exchange words in flight per lane before the first wait
+
+// Records (first failure wins) that this block gave up at `step` waiting for `producer`'s rows.
+__device__ __forceinline__ void record_exchange_failure(const KernelArgs& a, unsigned int code, int step,
+                                                        int producer, unsigned int seen_tag) {
+  if (atomicCAS(a.status + kStatusCode, 0u, code) == 0u) {
+    a.status[kStatusBlock] = blockIdx.x;
+    a.status[kStatusGeneration] = static_cast<unsigned int>(step);
+    a.status[kStatusArrived] = static_cast<unsigned int>(producer);
+    a.status[kStatusGrid] = gridDim.x;
+    a.status[kStatusTimeoutMs] = code == kKernelExchangeProtocol ? seen_tag
+                                                                  : static_cast<unsigned int>(a.barrier_timeout_ns / 1000000ull);
+    __threadfence();
+  }
+}
+
+// A tile of 8 sequences takes part in a step when one of its sequences has that position.
+__device__ __forceinline__ bool v2_tile_active(const PlanV2& p, const int* len_s, int tile, int pos) {
+  if (pos < 0) return true;  // the dh0 step
+  const int n0 = tile * kV2BatchTile;
+  for (int j = 0; j < kV2BatchTile; ++j)
+    if (n0 + j < p.batch && len_s[n0 + j] > pos) return true;
+  return false;
+}
+
+// Element (r, k) of the block's A = W (forward) or W^T (backward) tile of direction d, zero outside.
+template <typename T, bool kBackward>
+__device__ __forceinline__ float v2_tile_value(const PlanV2& p, const KernelArgs& a, int d, int row0, int rows, int r, int k) {
+  if (r >= rows || k >= p.hidden) return 0.0f;
+  const T* w = static_cast<const T*>(a.w) + static_cast<size_t>(d) * p.hidden * p.hidden;
+  const size_t o = kBackward ? static_cast<size_t>(k) * p.hidden + row0 + r : static_cast<size_t>(row0 + r) * p.hidden + k;
+  return Elem<T>::load(w + o);
+}
+
+// Register `reg` of this lane's A fragment for k step `step` of m tile `mt`.
+template <typename T, int kPrec, bool kBackward>
+__device__ __forceinline__ uint32_t v2_a_register(const PlanV2& p, const KernelArgs& a, int d, int row0, int rows, int mt,
+                                                  int step, int lane, int reg) {
+  if constexpr (kPrec == kV2Mma16) {
+    const frag::Coord c0 = frag::a16816(lane, reg, 0), c1 = frag::a16816(lane, reg, 1);
+    const int r = mt * kV2RowTile, k = step * 16;
+    return Elem<T>::pack(v2_tile_value<T, kBackward>(p, a, d, row0, rows, r + c0.row, k + c0.col),
+                         v2_tile_value<T, kBackward>(p, a, d, row0, rows, r + c1.row, k + c1.col));
+  } else {
+    const frag::Coord c = frag::a1688(lane, reg);
+    const float v = v2_tile_value<T, kBackward>(p, a, d, row0, rows, mt * kV2RowTile + c.row, step * 8 + c.col);
+    return kPrec == kV2Tf32 ? tf32_bits(v) : float_as_bits(v);  // 3xTF32 splits at use
+  }
+}
+
+// acc += A . B for one k step, in the plan's precision.
+template <typename T, int kPrec>
+__device__ __forceinline__ void v2_mma(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (kPrec == kV2Mma16) {
+    mma_16816<T>(acc, a, b);
+  } else if constexpr (kPrec == kV2Tf32) {
+    const uint32_t bt[2] = {tf32_bits(bits_as_float(b[0])), tf32_bits(bits_as_float(b[1]))};
+    mma_1688_tf32(acc, a, bt);
+  } else {  // 3xTF32: a*b ~ a_hi*b_hi + a_hi*b_lo + a_lo*b_hi, small terms first
+    uint32_t a_hi[4], a_lo[4], b_hi[2], b_lo[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float x = bits_as_float(a[i]);
+      a_hi[i] = tf32_bits(x);
+      a_lo[i] = tf32_bits(x - bits_as_float(a_hi[i]));
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float x = bits_as_float(b[i]);
+      b_hi[i] = tf32_bits(x);
+      b_lo[i] = tf32_bits(x - bits_as_float(b_hi[i]));
+    }
+    mma_1688_tf32(acc, a_lo, b_hi);
+    mma_1688_tf32(acc, a_hi, b_lo);
+    mma_1688_tf32(acc, a_hi, b_hi);
+  }
+}
+
+// The state a step publishes, rounded as the exchange carries it (the MMA input type).
+template <typename T>
+__device__ __forceinline__ uint32_t v2_payload(float e0, float e1) {
+  if constexpr (sizeof(T) == 4) {
+    (void)e1;
+    return float_as_bits(e0);
+  } else {
+    return Elem<T>::pack(e0, e1);
+  }
+}
+
+// Per step and tile of 8 sequences: bit 0 = the tile takes part in the step, bit 1 = it reads the
+// previous step's state from the ring (bit 2: from h0, forward step 0).
+enum : int { kTileActive = 1, kTileFromRing = 2, kTileFromH0 = 4 };
+
+// Copies the payloads of the chunk's tiles that need the previous state into b_s (shared memory),
+// polling each exchange word until it carries step s's tag. Returns true when the launch is being
+// abandoned (a bound expired, the protocol broke, or another block gave up).
+template <typename T, int kPrec>
+__device__ __forceinline__ bool v2_stage(const PlanV2& p, const KernelArgs& a, uint32_t* b_s, const int* flags_s,
+                                         int c0, int tiles_here, int s, int d) {
+  constexpr int kEpw = kPrec == kV2Mma16 ? 2 : 1;
+  constexpr int kStageBatch = 8;  // words in flight per thread before the first wait
+  const int Kw = p.hidden_padded / kEpw;
+  const int items = tiles_here * kV2BatchTile * Kw;
+  const unsigned int expected = static_cast<unsigned int>(s);  // step s-1 wrote tag s
+  bool abandon = false;
+  for (int base = threadIdx.x; base < items && !abandon; base += blockDim.x * kStageBatch) {
+    unsigned long long w[kStageBatch];
+    unsigned int pending = 0;
+#pragma unroll
+    for (int q = 0; q < kStageBatch; ++q) {
+      const int idx = base + q * blockDim.x;
+      w[q] = 0ull;
+      if (idx >= items) continue;
+      const int row = idx / Kw, kw = idx - row * Kw;  // row = tt * 8 + j
+      const int tile = c0 + row / kV2BatchTile, n = tile * kV2BatchTile + row % kV2BatchTile;
+      const int f = flags_s[tile];
+      if (n >= p.batch || kw * kEpw >= p.hidden) continue;  // padding: zero
+      if (f & kTileFromRing) {
+        w[q] = ring_load(a.ring + v2_ring_index(p, (s - 1) & 1, d, n, kw));
+        if (static_cast<unsigned int>(w[q] >> 32) != expected) pending |= 1u << q;
+      } else if (f & kTileFromH0) {  // the initial state, rounded to the MMA input type
+        const T* h0 = static_cast<const T*>(a.h0) + (static_cast<size_t>(n) * p.directions + d) * p.hidden;
+        const int k = kw * kEpw;
+        w[q] = v2_payload<T>(Elem<T>::load(h0 + k), (kEpw == 2 && k + 1 < p.hidden) ? Elem<T>::load(h0 + k + 1) : 0.0f);
+      }
+    }
+    unsigned int polls = 0;
+    unsigned long long first_check_ns = 0;
+    while (pending != 0u && !abandon) {
+      barrier_poll_pause();
+#pragma unroll
+      for (int q = 0; q < kStageBatch; ++q) {
+        if (pending & (1u << q)) {
+          const int idx = base + q * blockDim.x;
+          const int row = idx / Kw, kw = idx - row * Kw;
+          const int n = (c0 + row / kV2BatchTile) * kV2BatchTile + row % kV2BatchTile;
+          w[q] = ring_load(a.ring + v2_ring_index(p, (s - 1) & 1, d, n, kw));
+          const unsigned int tag = static_cast<unsigned int>(w[q] >> 32);
+          if (tag == expected) pending &= ~(1u << q);
+          if (tag > expected) {  // the slot was overwritten before this block read it: must never happen
+            record_exchange_failure(a, kKernelExchangeProtocol, s, v2_producer_block(p, d, kw * kEpw), tag);
+            abandon = true;
+          }
+        }
+      }
+      if (pending != 0u && !abandon && ++polls % kExchangePollsPerClockCheck == 0) {
+        if (load_acquire_gpu(a.status + kStatusCode) != kKernelOk) {
+          abandon = true;  // another block gave up
+        } else {
+          const unsigned long long now = global_timer_ns();
+          if (first_check_ns == 0) {
+            first_check_ns = now;
+          } else if (now - first_check_ns > a.barrier_timeout_ns) {
+            const int q = __ffs(pending) - 1;  // the first word still missing names its producer
+            const int idx = base + q * blockDim.x, kw = idx % Kw;
+            record_exchange_failure(a, kKernelExchangeTimeout, s, v2_producer_block(p, d, kw * kEpw), 0u);
+            abandon = true;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kStageBatch; ++q) {
+      const int idx = base + q * blockDim.x;
+      if (idx < items) {
+        const int row = idx / Kw, kw = idx - row * Kw;
+        b_s[row * p.b_row_words + kw] = static_cast<uint32_t>(w[q]);
+      }
+    }
+  }
+  return abandon;
+}
+
+template <typename T, int kPrec, int kRegSteps, bool kBackward>
+__global__ void __launch_bounds__(kKernelMaxThreads, 1)
+persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
+  unsigned char* smem = dynamic_smem();
+  uint4* a_s = reinterpret_cast<uint4*>(smem + p.smem_a_offset);      // [warps][smem_steps][32] x 4 registers
+  float* red_s = reinterpret_cast<float*>(smem + p.smem_red_offset);  // [k_splits][chunk_tiles*8][rows_per_block]
+  uint32_t* b_s = reinterpret_cast<uint32_t*>(smem + p.smem_b_offset);  // [chunk_tiles*8][b_row_words]
+  int* len_s = reinterpret_cast<int*>(smem + p.smem_len_offset);      // [batch_padded], then flags [n_tiles]
+  int* flags_s = len_s + p.batch_padded;
+
+  const int H = p.hidden, N = p.batch, D = p.directions, T_steps = p.time_steps;
+  const int d = v2_direction(p, blockIdx.x);
+  const int row0 = v2_row_begin(p, blockIdx.x);
+  const int rows = v2_rows_in_block(p, blockIdx.x);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int mt = v2_warp_m_tile(p, warp), ks = v2_warp_k_split(p, warp);
+  const int step0 = v2_k_step_begin(p, ks), my_steps = v2_k_steps_in_split(p, ks);
+  const int R = p.rows_per_block, chunk_n = p.chunk_tiles * kV2BatchTile;
+  const size_t step_elems = static_cast<size_t>(N) * D * H;
+  constexpr int kEpw = kPrec == kV2Mma16 ? 2 : 1;  // state rows per exchange word
+  const bool publishes = static_cast<int>(blockIdx.x) != a.fault_skip_block;
+
+  for (int i = threadIdx.x; i < p.batch_padded; i += blockDim.x) len_s[i] = i < N ? sequence_length(a, i, T_steps) : 0;
+
+  // The warp's A fragments: the first kRegSteps k steps in registers, the rest in shared memory.
+  uint32_t a_reg[kRegSteps][4];
+#pragma unroll
+  for (int i = 0; i < kRegSteps; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      a_reg[i][r] = i < my_steps ? v2_a_register<T, kPrec, kBackward>(p, a, d, row0, rows, mt, step0 + i, lane, r) : 0u;
+  for (int i = kRegSteps; i < my_steps; ++i) {
+    uint4 v;
+    v.x = v2_a_register<T, kPrec, kBackward>(p, a, d, row0, rows, mt, step0 + i, lane, 0);
+    v.y = v2_a_register<T, kPrec, kBackward>(p, a, d, row0, rows, mt, step0 + i, lane, 1);
+    v.z = v2_a_register<T, kPrec, kBackward>(p, a, d, row0, rows, mt, step0 + i, lane, 2);
+    v.w = v2_a_register<T, kPrec, kBackward>(p, a, d, row0, rows, mt, step0 + i, lane, 3);
+    a_s[(warp * p.smem_steps + (i - kRegSteps)) * kWarpSize + lane] = v;
+  }
+
+  if (!kBackward && a.h_last != nullptr) {  // sequences of length 0 never step: their last state is h0
+    for (int idx = threadIdx.x; idx < rows * N; idx += blockDim.x) {
+      const int n = idx / rows, i = row0 + idx % rows;
+      if (sequence_length(a, n, T_steps) == 0) {
+        const size_t o = (static_cast<size_t>(n) * D + d) * H + i;
+        Elem<T>::store(static_cast<T*>(a.h_last) + o, a.h0 != nullptr ? Elem<T>::load(static_cast<const T*>(a.h0) + o) : 0.0f);
+      }
+    }
+  }
+  __syncthreads();
+
+  const int steps = kBackward ? (a.dh0 != nullptr ? T_steps + 1 : T_steps) : T_steps;
+  for (int s = 0; s < steps; ++s) {
+    const int pos = kBackward ? T_steps - 1 - s : s;     // -1: the dh0 step
+    const int prev_pos = kBackward ? pos + 1 : pos - 1;  // the position step s-1 handled
+    for (int tile = threadIdx.x; tile < p.n_tiles; tile += blockDim.x) {
+      int f = 0;
+      if (v2_tile_active(p, len_s, tile, pos)) {
+        f = kTileActive;
+        if (s > 0 && v2_tile_active(p, len_s, tile, prev_pos)) f |= kTileFromRing;
+        if (s == 0 && !kBackward && a.h0 != nullptr) f |= kTileFromH0;
+      }
+      flags_s[tile] = f;
+    }
+    __syncthreads();
+    for (int c0 = 0; c0 < p.n_tiles; c0 += p.chunk_tiles) {
+      const int tiles_here = min(p.chunk_tiles, p.n_tiles - c0);
+      // Stage the previous state of the chunk (one round trip to L2 for all of it).
+      if (__syncthreads_or(v2_stage<T, kPrec>(p, a, b_s, flags_s, c0, tiles_here, s, d))) return;
+
+      // Matrix phase: every warp, every tile with an input, its m tile over its k range.
+      for (int tt = 0; tt < tiles_here; ++tt) {
+        if (!(flags_s[c0 + tt] & (kTileFromRing | kTileFromH0))) continue;  // block-uniform: zero input
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const uint32_t* b_row = b_s + (tt * kV2BatchTile + frag::group_id(lane)) * p.b_row_words + (lane & 3);
+#pragma unroll
+        for (int i = 0; i < kRegSteps; ++i) {
+          if (i < my_steps) {  // warp-uniform
+            const uint32_t b[2] = {b_row[(step0 + i) * 8], b_row[(step0 + i) * 8 + 4]};
+            v2_mma<T, kPrec>(acc, a_reg[i], b);
+          }
+        }
+        for (int i = kRegSteps; i < my_steps; ++i) {
+          const uint4 v = a_s[(warp * p.smem_steps + (i - kRegSteps)) * kWarpSize + lane];
+          const uint32_t af[4] = {v.x, v.y, v.z, v.w};
+          const uint32_t b[2] = {b_row[(step0 + i) * 8], b_row[(step0 + i) * 8 + 4]};
+          v2_mma<T, kPrec>(acc, af, b);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const frag::Coord c = frag::c16x8(lane, i);
+          red_s[(ks * chunk_n + tt * kV2BatchTile + c.col) * R + mt * kV2RowTile + c.row] = acc[i];
+        }
+      }
+      __syncthreads();
+
+      // Epilogue: one thread per (row word, sequence): sum the k-split partials, apply the
+      // activation (or its derivative), write the outputs and publish the word for the next step.
+      const int row_words = (rows + kEpw - 1) / kEpw;
+      const int items = row_words * tiles_here * kV2BatchTile;
+      for (int idx = threadIdx.x; idx < items; idx += blockDim.x) {
+        const int j = idx / row_words, rw = idx - j * row_words;
+        const int n = c0 * kV2BatchTile + j;
+        if (n >= N) continue;
+        const int L = len_s[n];
+        const int f = flags_s[c0 + j / kV2BatchTile];
+        const bool has_input = (f & (kTileFromRing | kTileFromH0)) != 0;
+        const size_t nd = (static_cast<size_t>(n) * D + d) * H;  // + row: offset within a [N,D,H] slab
+        float out[kEpw];
+#pragma unroll
+        for (int e = 0; e < kEpw; ++e) {
+          const int r = rw * kEpw + e, i = row0 + r;
+          out[e] = 0.0f;
+          if (r >= rows) continue;
+          float acc = 0.0f;
+          if (has_input)
+            for (int q = 0; q < p.k_splits; ++q) acc += red_s[(q * chunk_n + j) * R + r];
+          if (!kBackward) {
+            if (pos < L) {
+              const int t = d == 0 ? pos : L - 1 - pos;
+              const size_t o = static_cast<size_t>(t) * step_elems + nd + i;
+              const float h = activate(a.activation, Elem<T>::load(static_cast<const T*>(a.u) + o) + acc);
+              Elem<T>::store(static_cast<T*>(a.y) + o, h);
+              if (pos == L - 1 && a.h_last != nullptr) Elem<T>::store(static_cast<T*>(a.h_last) + nd + i, h);
+              out[e] = h;
+            } else {
+              Elem<T>::store(static_cast<T*>(a.y) + static_cast<size_t>(pos) * step_elems + nd + i, 0.0f);
+            }
+          } else if (pos < 0) {  // dh0 = W^T du_0 (+ dh_last for empty sequences)
+            float g = acc;
+            if (L == 0 && a.dh_last != nullptr) g += Elem<T>::load(static_cast<const T*>(a.dh_last) + nd + i);
+            Elem<T>::store(static_cast<T*>(a.dh0) + nd + i, g);
+          } else if (pos < L) {
+            const int t = d == 0 ? pos : L - 1 - pos;
+            const size_t o = static_cast<size_t>(t) * step_elems + nd + i;
+            float g = Elem<T>::load(static_cast<const T*>(a.dy) + o) + acc;
+            if (pos == L - 1 && a.dh_last != nullptr) g += Elem<T>::load(static_cast<const T*>(a.dh_last) + nd + i);
+            const float du = g * activation_grad_from_output(a.activation, Elem<T>::load(static_cast<const T*>(a.y_in) + o));
+            Elem<T>::store(static_cast<T*>(a.du) + o, du);
+            out[e] = du;
+          } else {
+            Elem<T>::store(static_cast<T*>(a.du) + static_cast<size_t>(pos) * step_elems + nd + i, 0.0f);
+          }
+        }
+        if ((f & kTileActive) && s + 1 < steps && publishes) {
+          const uint32_t payload = v2_payload<T>(out[0], out[kEpw - 1]);
+          const unsigned long long word = (static_cast<unsigned long long>(s + 1) << 32) | payload;
+          ring_store(a.ring + v2_ring_index(p, s & 1, d, n, (row0 + rw * kEpw) / kEpw), word);
+        }
+      }
+      __syncthreads();  // red_s, b_s and flags_s are reused
+    }
+  }
+}
+
+// Kernel entry points (prnn_v2_forward.cu / prnn_v2_backward.cu); null for an unknown combination.
+const void* forward_kernel_v2(prnnDataType_t dtype, int precision, int reg_steps);
+const void* backward_kernel_v2(prnnDataType_t dtype, int precision, int reg_steps);
+
+#ifndef PRNN_HOST_EMULATION
+template <bool kBackward>
+const void* select_kernel_v2(prnnDataType_t dtype, int precision, int reg_steps) {
+#define PRNN_V2_REG_STEPS(T, PREC)                                                                    \
+  switch (reg_steps) {                                                                                \
+    case 4: return reinterpret_cast<const void*>(&persistent_rnn_v2_kernel<T, PREC, 4, kBackward>);   \
+    case 8: return reinterpret_cast<const void*>(&persistent_rnn_v2_kernel<T, PREC, 8, kBackward>);   \
+    default: return nullptr;                                                                          \
+  }
+  switch (dtype) {
+    case PRNN_DATA_BFLOAT16:
+      if (precision != kV2Mma16) return nullptr;
+      PRNN_V2_REG_STEPS(__nv_bfloat16, kV2Mma16)
+    case PRNN_DATA_HALF:
+      if (precision != kV2Mma16) return nullptr;
+      PRNN_V2_REG_STEPS(__half, kV2Mma16)
+    case PRNN_DATA_FLOAT:
+      if (precision == kV2Tf32) PRNN_V2_REG_STEPS(float, kV2Tf32)
+      if (precision == kV2Tf32x3)  // 4 register steps only (8 spill; the planner never asks for them)
+        return reg_steps == 4 ? reinterpret_cast<const void*>(&persistent_rnn_v2_kernel<float, kV2Tf32x3, 4, kBackward>)
+                              : nullptr;
+      return nullptr;
+    default: return nullptr;
+  }
+#undef PRNN_V2_REG_STEPS
+}
+#endif  // PRNN_HOST_EMULATION
+
+}  // namespace prnn
