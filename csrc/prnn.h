@@ -57,6 +57,13 @@ const char* prnnLastErrorMessage(void);
 prnnStatus_t prnnCheckSupport(const prnnProblem_t* p, int device, int* supported, char* reason,
                               size_t reason_len);
 
+/* One line naming the kernel variant and tiling that prnnForward (backward = 0) or prnnBackwardData
+   (backward = 1) would use for p on `device` under the current environment (PRNN_VARIANT: v1, the
+   default; v2, tensor cores and a data-flow exchange; auto, v2 where it plans), or "not supported:
+   <reason>". SUCCESS whenever the question could be answered. */
+prnnStatus_t prnnDescribePlan(const prnnProblem_t* p, int device, int backward, char* out, size_t out_len);
+
+/* Workspace bytes: enough for either variant (v1's fp32 state ping-pong or v2's exchange ring). */
 prnnStatus_t prnnForwardWorkspaceSize(const prnnProblem_t* p, int device, size_t* bytes);
 
 /* u [T,N,D,H], w [D,H,H] row-major (h_t = act(u_t + h_{t-1} w^T)), h0 [N,D,H] or NULL (zeros),

@@ -8,6 +8,11 @@
 //   PRNN_BARRIER_TIMEOUT_MS=n  the longest a block waits at one grid barrier before the launch gives
 //                     up with PRNN_STATUS_TIMEOUT (default 10000; read at every launch).
 //   PRNN_FAULT=...    make planning, the launch or a barrier fail on purpose (prnn_fault.h).
+//   PRNN_VARIANT=v1|v2|auto  which kernel runs: v1 (default; the grid-barrier kernel of
+//                     prnn_kernels.cuh, verified on a GPU), v2 (tensor cores and the data-flow exchange
+//                     of prnn_v2.cuh; refused with the planner's reason where it does not fit), auto
+//                     (v2 where it plans, else v1). Read at every call. v2 has not yet run on a GPU.
+//   PRNN_V2_FP32=3xtf32|tf32  how v2 multiplies fp32 problems (default 3xtf32: about fp32 accuracy).
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +24,7 @@
 #include "prnn_fault.h"
 #include "prnn_kernels.cuh"
 #include "prnn_planner.h"
+#include "prnn_v2.cuh"
 
 namespace prnn {
 namespace {
@@ -89,6 +95,16 @@ prnnStatus_t status_from_record(const unsigned int* r, const char* what) {
                 "%s: block %u waited more than %u ms at grid barrier %u (%u of %u blocks had arrived); "
                 "the launch gave up and its outputs are undefined",
                 what, r[kStatusBlock], r[kStatusTimeoutMs], r[kStatusGeneration], r[kStatusArrived], r[kStatusGrid]);
+  if (r[kStatusCode] == kKernelExchangeTimeout)
+    return fail(PRNN_STATUS_TIMEOUT,
+                "%s (v2): block %u waited more than %u ms at step %u for the state rows of block %u (grid %u); "
+                "the launch gave up and its outputs are undefined",
+                what, r[kStatusBlock], r[kStatusTimeoutMs], r[kStatusGeneration], r[kStatusArrived], r[kStatusGrid]);
+  if (r[kStatusCode] == kKernelExchangeProtocol)
+    return fail(PRNN_STATUS_CUDA_ERROR,
+                "%s (v2): exchange protocol broken: block %u at step %u read tag %u from block %u's rows "
+                "(a slot reused too early); the launch gave up and its outputs are undefined",
+                what, r[kStatusBlock], r[kStatusGeneration], r[kStatusTimeoutMs], r[kStatusArrived]);
   return fail(PRNN_STATUS_CUDA_ERROR, "%s: unknown kernel status %u", what, r[kStatusCode]);
 }
 
@@ -136,6 +152,7 @@ prnnStatus_t validate_problem(const prnnProblem_t* p) {
 struct DeviceInfo {
   DeviceLimits limits;
   bool cooperative;
+  int cc_major;  // compute capability (v2's mma.sync needs 8.0)
 };
 
 // Device properties, read once per device.
@@ -172,6 +189,8 @@ prnnStatus_t device_info(int device, DeviceInfo* info) {
     d.limits.smem_per_block_optin = static_cast<size_t>(v[7]);
     d.limits.smem_reserved_per_block = static_cast<size_t>(v[8]);
     d.cooperative = v[9] != 0;
+    err = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err != cudaSuccess) return cuda_fail(err, "cudaDeviceGetAttribute");
     cache[device] = d;
     known[device] = true;
   }
@@ -232,9 +251,122 @@ prnnStatus_t plan_pass(const prnnProblem_t* p, int device, bool backward, Plan* 
   return PRNN_STATUS_SUCCESS;
 }
 
+enum class Variant { kV1, kV2, kAuto, kInvalid };
+
+Variant requested_variant() {
+  const char* v = getenv("PRNN_VARIANT");
+  if (v == nullptr || v[0] == '\0' || strcmp(v, "v1") == 0) return Variant::kV1;
+  if (strcmp(v, "v2") == 0) return Variant::kV2;
+  if (strcmp(v, "auto") == 0) return Variant::kAuto;
+  return Variant::kInvalid;
+}
+
+// PRNN_V2_FP32: how v2 multiplies fp32 (3xTF32 by default); -1 for a value not understood.
+int v2_fp32_precision() {
+  const char* v = getenv("PRNN_V2_FP32");
+  if (v == nullptr || v[0] == '\0' || strcmp(v, "3xtf32") == 0) return kV2Tf32x3;
+  if (strcmp(v, "tf32") == 0) return kV2Tf32;
+  return -1;
+}
+
+// Kernel v2's plan for one pass, confirmed against the kernel as built (registers, occupancy).
+prnnStatus_t plan_pass_v2(const prnnProblem_t* p, int device, bool backward, PlanV2* plan, const void** kernel,
+                          char* reason, size_t reason_len) {
+  DeviceInfo info;
+  prnnStatus_t st = device_info(device, &info);
+  if (st != PRNN_STATUS_SUCCESS) return st;
+  const char* pass = backward ? "backward" : "forward";
+  if (!info.cooperative || info.cc_major < 8) {
+    snprintf(reason, reason_len, "v2 %s: device %d (compute capability %d.x%s) lacks mma.sync or cooperative launch",
+             pass, device, info.cc_major, info.cooperative ? "" : ", no cooperative launch");
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  const Fault fault = injected_fault(backward);
+  if (fault == Fault::kInvalid) return fail(PRNN_STATUS_INVALID_VALUE, "PRNN_FAULT=%s: %s", fault_env(), kFaultUsage);
+  if (fault == Fault::kPlan) {
+    snprintf(reason, reason_len, "%s %s: fault injected (PRNN_FAULT=%s): the planner refused the problem",
+             dtype_name(p->dtype), pass, fault_env());
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  int precision = kV2Mma16;
+  if (p->dtype == PRNN_DATA_FLOAT) {
+    precision = v2_fp32_precision();
+    if (precision < 0)
+      return fail(PRNN_STATUS_INVALID_VALUE, "PRNN_V2_FP32=%s: must be 3xtf32 or tf32", getenv("PRNN_V2_FP32"));
+  }
+  const ProblemShape shape = {p->time_steps, p->batch > 0 ? p->batch : 1, p->directions, p->hidden,
+                              dtype_bytes(p->dtype)};
+  char why[768] = "";
+  if (!make_plan_v2(info.limits, shape, precision, kKernelMaxRegsPerThread, plan, why, sizeof(why))) {
+    snprintf(reason, reason_len, "%s %s: %s", dtype_name(p->dtype), pass, why);
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  const void* fn = backward ? backward_kernel_v2(p->dtype, precision, plan->reg_steps)
+                            : forward_kernel_v2(p->dtype, precision, plan->reg_steps);
+  if (fn == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "v2: no kernel for %d register steps", plan->reg_steps);
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, fn);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncGetAttributes");
+  if (attr.numRegs > plan->regs_per_thread || attr.maxThreadsPerBlock < plan->threads || attr.localSizeBytes > 0) {
+    snprintf(reason, reason_len,
+             "v2 %s: kernel uses %d registers/thread (planned %d), %zu bytes of local memory, allows %d threads "
+             "(planned %d)",
+             pass, attr.numRegs, plan->regs_per_thread, static_cast<size_t>(attr.localSizeBytes),
+             attr.maxThreadsPerBlock, plan->threads);
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, plan->smem_bytes);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  int resident = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, plan->threads, plan->smem_bytes);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (resident < 1 || static_cast<long long>(resident) * info.limits.sm_count < plan->blocks) {
+    snprintf(reason, reason_len, "v2 %s: %d blocks of %d threads with %d B shared memory cannot all be resident (%d per SM x %d SMs)",
+             pass, plan->blocks, plan->threads, plan->smem_bytes, resident, info.limits.sm_count);
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  *kernel = fn;
+  return PRNN_STATUS_SUCCESS;
+}
+
+// The plan of one pass in whichever variant PRNN_VARIANT asks for.
+struct PassPlan {
+  int variant = 1;
+  Plan v1 = {};
+  PlanV2 v2 = {};
+  const void* kernel = nullptr;
+  void describe(char* out, size_t len) const {
+    if (variant == 2) {
+      describe_plan_v2(v2, out, len);
+    } else {
+      char text[512];
+      describe_plan(v1, text, sizeof(text));
+      snprintf(out, len, "v1 %s", text);
+    }
+  }
+};
+
+prnnStatus_t plan_launch(const prnnProblem_t* p, int device, bool backward, PassPlan* out, char* reason,
+                         size_t reason_len) {
+  const Variant v = requested_variant();
+  if (v == Variant::kInvalid)
+    return fail(PRNN_STATUS_INVALID_VALUE, "PRNN_VARIANT=%s: must be v1, v2 or auto", getenv("PRNN_VARIANT"));
+  if (v == Variant::kV2 || v == Variant::kAuto) {
+    const prnnStatus_t st = plan_pass_v2(p, device, backward, &out->v2, &out->kernel, reason, reason_len);
+    if (st == PRNN_STATUS_SUCCESS) {
+      out->variant = 2;
+      return st;
+    }
+    if (v == Variant::kV2 || st != PRNN_STATUS_NOT_SUPPORTED) return st;  // auto: v1 next
+  }
+  out->variant = 1;
+  return plan_pass(p, device, backward, &out->v1, &out->kernel, reason, reason_len);
+}
+
 size_t workspace_bytes_for(const prnnProblem_t* p) {
-  return kWorkspaceHeaderBytes +
-         2 * static_cast<size_t>(p->batch) * p->directions * p->hidden * sizeof(float);
+  const size_t v1_state = 2 * static_cast<size_t>(p->batch) * p->directions * p->hidden * sizeof(float);
+  const size_t v2_ring = static_cast<size_t>(v2_ring_bytes_for(p->batch, p->directions, p->hidden, dtype_bytes(p->dtype)));
+  return kWorkspaceHeaderBytes + (v1_state > v2_ring ? v1_state : v2_ring);
 }
 
 // Common part of prnnForward / prnnBackwardData once pointers are checked.
@@ -243,10 +375,9 @@ prnnStatus_t run_pass(const prnnProblem_t* p, bool backward, KernelArgs args, vo
   int device = 0;
   prnnStatus_t st = current_device(&device);
   if (st != PRNN_STATUS_SUCCESS) return st;
-  Plan plan;
-  const void* fn = nullptr;
+  PassPlan plan;
   char reason[768] = "";
-  st = plan_pass(p, device, backward, &plan, &fn, reason, sizeof(reason));
+  st = plan_launch(p, device, backward, &plan, reason, sizeof(reason));
   if (st == PRNN_STATUS_NOT_SUPPORTED) return fail(st, "%s", reason);
   if (st != PRNN_STATUS_SUCCESS) return st;
 
@@ -256,26 +387,33 @@ prnnStatus_t run_pass(const prnnProblem_t* p, bool backward, KernelArgs args, vo
   if (fault == Fault::kLaunch)
     return fail(PRNN_STATUS_CUDA_ERROR, "cooperative launch (%s): fault injected (PRNN_FAULT=%s): the launch failed",
                 backward ? "backward" : "forward", fault_env());
+  const int blocks = plan.variant == 2 ? plan.v2.blocks : plan.v1.blocks;
+  const int threads = plan.variant == 2 ? plan.v2.threads : plan.v1.threads;
+  const int smem = plan.variant == 2 ? plan.v2.smem_bytes : plan.v1.smem_bytes;
+  unsigned char* body = static_cast<unsigned char*>(workspace) + kWorkspaceHeaderBytes;
   args.barrier_counter = static_cast<unsigned int*>(workspace);
   args.status = status_record(workspace);
   args.barrier_timeout_ns = barrier_timeout_ns(fault == Fault::kTimeout);
-  args.fault_skip_block = fault == Fault::kTimeout ? plan.blocks - 1 : -1;
-  args.state = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + kWorkspaceHeaderBytes);
+  args.fault_skip_block = fault == Fault::kTimeout ? blocks - 1 : -1;
+  args.state = reinterpret_cast<float*>(body);
+  args.ring = reinterpret_cast<unsigned long long*>(body);
   args.activation = static_cast<int>(p->activation);
   args.use_cg_barrier = use_cg_barrier() ? 1 : 0;
 
-  // One memset zeroes the counter and the status record.
-  cudaError_t err = cudaMemsetAsync(workspace, 0, kWorkspaceHeaderBytes, stream);
+  // One memset zeroes the counter and the status record (and, for v2, the ring: its tags start at 0).
+  const size_t zero_bytes = kWorkspaceHeaderBytes + (plan.variant == 2 ? static_cast<size_t>(v2_ring_bytes(plan.v2)) : 0);
+  cudaError_t err = cudaMemsetAsync(workspace, 0, zero_bytes, stream);
   if (err != cudaSuccess) return cuda_fail(err, "cudaMemsetAsync(workspace header)");
-  void* params[] = {&plan, &args};
-  err = cudaLaunchCooperativeKernel(fn, dim3(plan.blocks), dim3(plan.threads), params,
-                                    static_cast<size_t>(plan.smem_bytes), stream);
+  void* params_v1[] = {&plan.v1, &args};
+  void* params_v2[] = {&plan.v2, &args};
+  err = cudaLaunchCooperativeKernel(plan.kernel, dim3(blocks), dim3(threads), plan.variant == 2 ? params_v2 : params_v1,
+                                    static_cast<size_t>(smem), stream);
   if (err != cudaSuccess) return cuda_fail(err, backward ? "cooperative launch (backward)" : "cooperative launch (forward)");
   if (debug_enabled()) {
-    char text[512];
-    describe_plan(plan, text, sizeof(text));
+    char text[768];
+    plan.describe(text, sizeof(text));
     fprintf(stderr, "[prnn] %s %s %s barrier=%s\n", backward ? "backward" : "forward", dtype_name(p->dtype),
-            text, args.use_cg_barrier ? "cg" : "counter");
+            text, plan.variant == 2 ? "none (v2 exchange)" : args.use_cg_barrier ? "cg" : "counter");
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone)
       return read_status_record(args.status, stream, what);
@@ -333,9 +471,8 @@ prnnStatus_t prnnCheckSupport(const prnnProblem_t* p, int device, int* supported
     return st;
   }
   for (int pass = 0; pass < 2; ++pass) {
-    Plan plan;
-    const void* fn = nullptr;
-    st = plan_pass(p, device, pass == 1, &plan, &fn, reason, reason_len);
+    PassPlan plan;
+    st = plan_launch(p, device, pass == 1, &plan, reason, reason_len);
     if (st == PRNN_STATUS_NOT_SUPPORTED) return PRNN_STATUS_SUCCESS;  // answered: not supported
     if (st != PRNN_STATUS_SUCCESS) {
       snprintf(reason, reason_len, "%s", g_last_error);
@@ -343,6 +480,23 @@ prnnStatus_t prnnCheckSupport(const prnnProblem_t* p, int device, int* supported
     }
   }
   *supported = 1;
+  return PRNN_STATUS_SUCCESS;
+}
+
+prnnStatus_t prnnDescribePlan(const prnnProblem_t* p, int device, int backward, char* out, size_t out_len) {
+  if (out == nullptr || out_len == 0) return fail(PRNN_STATUS_INVALID_VALUE, "prnnDescribePlan: out is NULL");
+  out[0] = '\0';
+  prnnStatus_t st = validate_problem(p);
+  if (st != PRNN_STATUS_SUCCESS) return st;
+  PassPlan plan;
+  char reason[768] = "";
+  st = plan_launch(p, device, backward != 0, &plan, reason, sizeof(reason));
+  if (st == PRNN_STATUS_NOT_SUPPORTED) {
+    snprintf(out, out_len, "not supported: %s", reason);
+    return PRNN_STATUS_SUCCESS;
+  }
+  if (st != PRNN_STATUS_SUCCESS) return st;
+  plan.describe(out, out_len);
   return PRNN_STATUS_SUCCESS;
 }
 

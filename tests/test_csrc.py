@@ -116,6 +116,73 @@ def test_fp32_kernels_emulated_on_cpu_threads(tmp_path):
     assert "emulation test: 0 failures" in result.stdout
 
 
+def test_v2_kernel_emulated_on_cpu_threads(tmp_path):
+    """Kernel v2 on CPU threads: fragment layouts against the PTX tables, emulated mma.sync bit for bit
+    against a naive GEMM, the planner on A100/H100/H200/L4, the whole kernel (bf16, fp16, 1xTF32,
+    3xTF32; forward and backward; ragged) against a float64 oracle, the exchange protocol under a
+    memory that delays stores and serves stale loads (bitwise equal to plain memory over many seeds),
+    and a block that never publishes timing out with a record naming it."""
+    cxx = find_cxx()
+    nvcc = find_nvcc()
+    if cxx is None or nvcc is None:
+        pytest.skip("needs a C++20 compiler and the CUDA headers")
+    exe = tmp_path / "prnn_v2_emulation_test"
+    build = run(
+        [cxx, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-pthread", "-DPRNN_HOST_EMULATION",
+         f"-I{CSRC}", f"-I{nvcc.parent.parent / 'include'}", str(CSRC / "prnn_planner.cpp"),
+         str(CSRC / "tests" / "prnn_v2_emulation_test.cpp"), "-o", str(exe)],
+        timeout=COMPILE_TIMEOUT_S,
+    )
+    assert build.returncode == 0, build.stderr
+    result = run([str(exe)], timeout=EMULATION_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "v2 emulation test: 0 failures" in result.stdout
+    # Every kernel case and both protocol runs printed a verdict (a case that silently did not run fails).
+    assert len(re.findall(r"^ok   .*tolerance", result.stdout, re.M)) == 7, result.stdout
+    assert len(re.findall(r"^ok   protocol .*: 0 failed, 0 differ", result.stdout, re.M)) == 2, result.stdout
+    assert re.search(r"^ok   timeout .*status 2 after", result.stdout, re.M), result.stdout
+
+
+# The register count every v2 plan assumes (prnn_planner.h: kKernelMaxRegsPerThread).
+V2_PLANNED_REGISTERS = 128
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_v2_instantiations_fit_their_registers_without_spills(tmp_path, arch):
+    """ptxas on every v2 instantiation (both passes, every dtype/precision/register-step template):
+    no local memory (spills or stack) and no more registers than the planner assumes."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    number = arch[3:]
+    flags = [f"-gencode=arch=compute_{number},code={arch}", "-std=c++17", "-O3", "-Xcompiler=-fPIC", f"-I{CSRC}", "-Xptxas=-v"]
+    kernels = {}
+    for name in ("prnn_v2_forward.cu", "prnn_v2_backward.cu"):
+        res = run([str(nvcc), *flags, "-c", str(CSRC / name), "-o", str(tmp_path / (name + ".o"))], timeout=COMPILE_TIMEOUT_S)
+        assert res.returncode == 0, res.stderr
+        current = None
+        for line in res.stderr.splitlines():
+            m = re.search(r"Compiling entry function '(\w+)'", line)
+            if m:
+                current = m.group(1)
+                kernels[current] = {}
+                continue
+            if current is None:
+                continue
+            m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m:
+                kernels[current]["local"] = tuple(int(x) for x in m.groups())
+            m = re.search(r"Used (\d+) registers", line)
+            if m:
+                kernels[current]["registers"] = int(m.group(1))
+    v2 = {k: v for k, v in kernels.items() if "persistent_rnn_v2_kernel" in k}
+    # 2 passes x (bf16, fp16) x 2 register-step templates + fp32 1xTF32 x 2 + 3xTF32 x 1
+    assert len(v2) == 2 * (2 * 2 + 2 + 1), sorted(v2)
+    for name, info in v2.items():
+        assert info.get("local") == (0, 0, 0), f"{arch} {name}: local memory {info.get('local')}"
+        assert 0 < info["registers"] <= V2_PLANNED_REGISTERS, f"{arch} {name}: {info['registers']} registers"
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """libprnn.so (kernels + C API + planner) and prnn_test linked against it."""
@@ -161,7 +228,7 @@ def test_kernels_compile_and_c_test_links(built):
         for name in ("prnnForward", "prnnBackwardData", "prnnCheckSupport", "prnnForwardWorkspaceSize",
                      "prnnBackwardDataWorkspaceSize", "prnnMeasureBarrier", "prnnStatusString",
                      "prnnLastErrorMessage", "prnnWorkspaceStatus", "prnnWorkspaceStatusAsync",
-                     "prnnStatusFromRecord"):
+                     "prnnStatusFromRecord", "prnnDescribePlan"):
             assert re.search(rf"\bT {name}$", symbols, re.M), f"{name} not exported (extern \"C\")"
     # With every GPU hidden the program must say so and exit with its no-GPU status.
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")

@@ -295,13 +295,15 @@ void run_case(const Case& c, std::mt19937& rng, cudaStream_t stream) {
   EXPECT(be == cudaSuccess, "%s: backward kernel: %s", label, cudaGetErrorString(be));
   if (fe != cudaSuccess || be != cudaSuccess) exit(1);  // the context is unusable after a fault
 
+  char plan_text[768] = "";
+  prnnDescribePlan(&p, 0, 0, plan_text, sizeof(plan_text));
   if (g_debug) printf("  %s\n", label);
   bool ok = compare_steps("y", c, decode(c.dtype, dy_out.download()), y_ref, c.T, step);
   ok &= compare_steps("h_last", c, decode(c.dtype, dhl_out.download()), hl_ref, 1, step);
   ok &= compare_steps("du", c, decode(c.dtype, ddu_out.download()), du_ref, c.T, step);
   ok &= compare_steps("dh0", c, decode(c.dtype, ddh0_out.download()), dh0_ref, 1, step);
   if (!ok) ++g_failures;
-  printf("%s %s\n", ok ? "ok  " : "FAIL", label);
+  printf("%s %s [%.40s]\n", ok ? "ok  " : "FAIL", label, plan_text);
 }
 
 void check_errors_and_edges(cudaStream_t stream) {
@@ -454,6 +456,13 @@ int main() {
       {6, 2, 1, 2048, PRNN_ACT_RELU, PRNN_DATA_BFLOAT16, false, true, false},
       {4, 1, 1, 2560, PRNN_ACT_CLIPPED_RELU, PRNN_DATA_HALF, false, false, true},
       {1, 1, 1, 1, PRNN_ACT_TANH, PRNN_DATA_FLOAT, false, true, true},
+      // Shapes kernel v2 must support on sm_90 (PRNN_VARIANT=v2 fails them when refused), long and wide.
+      {8, 4, 2, 1152, PRNN_ACT_CLIPPED_RELU, PRNN_DATA_BFLOAT16, true, true, true},
+      {8, 64, 2, 1152, PRNN_ACT_RELU, PRNN_DATA_BFLOAT16, true, true, true},
+      {5, 4, 2, 2048, PRNN_ACT_RELU, PRNN_DATA_BFLOAT16, true, false, true},
+      {5, 4, 1, 2048, PRNN_ACT_TANH, PRNN_DATA_FLOAT, true, true, true},
+      {1000, 3, 1, 64, PRNN_ACT_TANH, PRNN_DATA_HALF, true, true, true},
+      {4, 70, 2, 128, PRNN_ACT_CLIPPED_RELU, PRNN_DATA_FLOAT, true, true, true},
   };
   for (const Case& c : cases) run_case(c, rng, stream);
   check_errors_and_edges(stream);
