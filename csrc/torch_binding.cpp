@@ -805,6 +805,21 @@ std::tuple<bool, std::string> persistent_support(int64_t T, int64_t N, int64_t D
 #endif
 }
 
+// The kernel variant and tiling a persistent call would use (prnnDescribePlan; PRNN_VARIANT applies).
+std::string plan_description(int64_t T, int64_t N, int64_t D, int64_t H, std::string activation_name,
+                             at::ScalarType type, int64_t device, bool backward) {
+#ifdef PRNN_CPU_ONLY
+  (void)T, (void)N, (void)D, (void)H, (void)activation_name, (void)type, (void)device, (void)backward;
+  return "cpu loop (this build of the extension is CPU-only)";
+#else
+  const prnnProblem_t p = make_problem(T, N, D, H, parse_activation(activation_name), type, "plan_description");
+  char text[1024] = {0};
+  PRNN_TORCH_CHECK("plan_description",
+                   prnnDescribePlan(&p, static_cast<int>(device), backward ? 1 : 0, text, sizeof(text)));
+  return std::string(text);
+#endif
+}
+
 // Reports (raises) a failure of any persistent launch on `device` (-1: every device) whose status
 // check has landed; wait: first wait for the checks of every launch enqueued so far (their events,
 // not the streams). Returns how many launches are still unchecked. The CPU implementation raises at
@@ -859,6 +874,10 @@ TORCH_LIBRARY(asr_prnn, m) {
       "persistent_support(int T, int N, int D, int H, str activation, ScalarType dtype, int device)"
       " -> (bool, str)",
       &persistent_support);
+  m.def(
+      "plan_description(int T, int N, int D, int H, str activation, ScalarType dtype, int device, bool backward)"
+      " -> str",
+      &plan_description);
   m.def("measure_barrier(int device, int blocks, int iterations) -> float", &measure_barrier);
   m.def("check_status(int device=-1, bool wait=False) -> int", &check_status);
   m.def("status_check_mode() -> str", &status_check_mode);

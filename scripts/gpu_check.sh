@@ -5,8 +5,11 @@
 #   2. JIT build of csrc/ (CUDA variant)                 -> OUTDIR/build.log
 #   3. the op and network tests: `cuda`-marked ones and the quick CPU op tests, against the CUDA build
 #                                                        -> OUTDIR/pytest.log, OUTDIR/pytest.xml
+#   3b. kernel v2 (PRNN_VARIANT=v2): prnn_test's matrix and the cuda op tests again
+#                                                        -> OUTDIR/pytest_v2.log, OUTDIR/pytest_v2.xml
 #   4. the grid-barrier microbenchmark on its own        -> OUTDIR/barrier.json
-#   5. `asr bench rnn`: the target configurations        -> OUTDIR/bench_targets.json
+#   5. `asr bench rnn`: issue 11's target configurations, v1 and v2 beside cuDNN
+#                                                        -> OUTDIR/bench_targets*.json
 #   6. `asr bench train` on the GPU: a training step of the Deep Speech network, persistent op vs
 #      cuDNN's RNN, fp32 and bf16 autocast               -> OUTDIR/bench_train_*.json
 #   7. with CORPUS (a rendered `asr data synth` folder): the tiny recipe trained on the GPU in
@@ -15,7 +18,7 @@
 #   9. a short table, printed last                       -> OUTDIR/summary.json
 # Runs from a plain copy of the repository with the machine's own python3 (torch, ninja, nvcc; the
 # package need not be installed and jiwer/soundfile need not exist): PYTHONPATH=. and `python3 -m`.
-# Exit status: 0 when the build and every test passed, 1 otherwise (the table is printed either way).
+# Exit status: 0 when the build and every test (v1 and v2) passed, 1 otherwise (the table is printed either way).
 set -u -o pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [CORPUS]}
@@ -34,7 +37,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 START=$SECONDS
 left() { echo $(( BUDGET_SECONDS - (SECONDS - START) )); }
 stage() { echo; echo "=== [$(( SECONDS - START )) s] $*"; }
-status_build=skipped status_tests=skipped status_barrier=skipped status_bench=skipped status_train=skipped
+status_build=skipped status_tests=skipped status_v2=skipped status_barrier=skipped status_bench=skipped status_train=skipped
 
 stage "environment"
 {
@@ -71,6 +74,16 @@ if [ "${status_build%%,*}" = passed ]; then
   fi
   tail -15 "$OUT/pytest.log"
 
+  stage "kernel v2 (PRNN_VARIANT=v2): prnn_test's matrix and the cuda op tests"
+  if PRNN_VARIANT=v2 timeout 150 "$PY" -m pytest -p no:cacheprovider -q -rs -m "cuda" \
+      --junitxml="$OUT/pytest_v2.xml" tests/test_csrc.py::test_c_program_on_gpu tests/test_ops_cuda.py \
+      >"$OUT/pytest_v2.log" 2>&1; then
+    status_v2=passed
+  else
+    status_v2=failed
+  fi
+  tail -15 "$OUT/pytest_v2.log"
+
   stage "grid-barrier microbenchmark"
   if timeout 60 "$PY" - "$OUT/barrier.json" >"$OUT/barrier.log" 2>&1 <<'EOF'
 import json, sys
@@ -91,13 +104,15 @@ EOF
   cat "$OUT/barrier.log"
 
   stage "benchmark: target configurations"
-  if timeout 120 "$PY" -m asr.cli bench rnn --hidden 1152 --batch 4,64 --dtype float32,float16 \
-      --out "$OUT/bench_targets.json" --no-plot >"$OUT/bench_targets.log" 2>&1; then
-    status_bench=passed
-  else
-    status_bench=failed
-  fi
+  status_bench=passed
+  timeout 150 "$PY" -m asr.cli bench rnn --hidden 1152 --batch 4,64 --dtype bfloat16,float32 --directions 1 \
+      --backends persistent,persistent_v2,cudnn --out "$OUT/bench_targets.json" --no-plot \
+      >"$OUT/bench_targets.log" 2>&1 || status_bench=failed
   tail -4 "$OUT/bench_targets.log"
+  timeout 90 "$PY" -m asr.cli bench rnn --hidden 1024 --batch 8,16,64 --dtype float16 --directions 1 --modes fwd \
+      --backends persistent,persistent_v2,cudnn --out "$OUT/bench_targets_fp16.json" --no-plot \
+      >"$OUT/bench_targets_fp16.log" 2>&1 || status_bench=failed
+  tail -4 "$OUT/bench_targets_fp16.log"
 
   stage "benchmark: Deep Speech training step on the GPU (persistent op vs cuDNN RNN)"
   for config in "4 1152 4" "16 1152 4" "4 320 4"; do
@@ -134,12 +149,13 @@ EOF
 fi
 
 stage "summary"
-"$PY" - "$OUT" "$status_build" "$status_tests" "$status_barrier" "$status_bench" "$status_train" "$(( SECONDS - START ))" <<'EOF'
+"$PY" - "$OUT" "$status_build" "$status_tests" "$status_barrier" "$status_bench" "$status_train" "$(( SECONDS - START ))" "$status_v2" <<'EOF'
 import json, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-out, build, tests, barrier, bench, train, seconds = Path(sys.argv[1]), *sys.argv[2:7], int(sys.argv[7])
-summary = {"build": build, "tests": tests, "barrier": barrier, "bench": bench, "train": train, "seconds": seconds}
+out, build, tests, barrier, bench, train, seconds, v2 = Path(sys.argv[1]), *sys.argv[2:7], int(sys.argv[7]), sys.argv[8]
+summary = {"build": build, "tests": tests, "v2_tests": v2, "barrier": barrier, "bench": bench, "train": train,
+           "seconds": seconds}
 if (out / "pytest.xml").is_file():
     suite = ET.parse(out / "pytest.xml").getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
@@ -148,12 +164,11 @@ if (out / "barrier.json").is_file():
     summary["barrier_us"] = {str(r["blocks"]): round(r["microseconds"], 2)
                              for r in json.loads((out / "barrier.json").read_text())["results"]}
 targets = []
-if (out / "bench_targets.json").is_file():
-    report = json.loads((out / "bench_targets.json").read_text())
-    summary["device"] = report["device"]
-    for r in report["results"]:
-        if r["backend"] == "persistent":
-            targets.append(r)
+for name in ("bench_targets.json", "bench_targets_fp16.json"):
+    if (out / name).is_file():
+        report = json.loads((out / name).read_text())
+        summary["device"] = report["device"]
+        targets += [r for r in report["results"] if r["backend"] in ("persistent", "persistent_v2")]
 summary["targets"] = targets
 summary["train_step"] = []
 for path in sorted(out.glob("bench_train_*.json")):
@@ -162,21 +177,37 @@ for path in sorted(out.glob("bench_train_*.json")):
                                   "torch_rnn_step_seconds", "speedup", "ours_backends")} | {"hidden": r["config"]["rnn_hidden"]})
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"device: {summary.get('device', '?')}   wall time: {seconds} s")
-print(f"build: {build}   tests: {tests} {summary.get('pytest', '')}   barrier: {barrier}   bench: {bench}   train: {train}")
+print(f"build: {build}   tests: {tests} {summary.get('pytest', '')}   v2 tests: {v2}   barrier: {barrier}   "
+      f"bench: {bench}   train: {train}")
 for blocks, us in summary.get("barrier_us", {}).items():
     print(f"grid barrier, {blocks} blocks: {us} us")
-print(f"{'dtype':<9}{'mode':<7}{'H':>6}{'N':>4}{'us/step':>10}{'TFLOP/s':>9}{'x cuDNN':>9}   target")
+
+
+def goal(r):  # issue 11's targets (H100/H200, ratios from the same run)
+    if r["backend"] != "persistent_v2":
+        return ""
+    if r["dtype"] == "bfloat16" and r["hidden"] == 1152:
+        return "<= 1.0 us and >= 10x" if r["batch"] == 4 else "<= 2.5 us and >= 3x" if r["batch"] == 64 else ""
+    if r["dtype"] == "float16" and r["hidden"] == 1024:
+        return ">= 1.5x"
+    if r["dtype"] == "float32" and r["hidden"] == 1152 and r["batch"] == 4 and r["mode"] == "fwd":
+        return "<= 1.5 us, error within 2x of fp32 torch"
+    return ""
+
+
+print(f"{'backend':<15}{'dtype':<9}{'mode':<7}{'H':>6}{'N':>4}{'us/step':>10}{'TFLOP/s':>9}{'x cuDNN':>9}{'error':>10}   target")
 for r in targets:
-    goal = {4: ">= 5x" if r["mode"] == "fwdbwd" else "", 64: ">= 1x" if r["mode"] == "fwdbwd" else ""}[r["batch"]]
+    head = f"{r['backend']:<15}{r['dtype']:<9}{r['mode']:<7}{r['hidden']:>6}{r['batch']:>4}"
     if r["us_per_step"] is None:
-        print(f"{r['dtype']:<9}{r['mode']:<7}{r['hidden']:>6}{r['batch']:>4}  n/a: {r['error'][:60]}")
+        print(f"{head}  n/a: {r['error'][:60]}")
         continue
     speedup = r["speedup_over_cudnn"]
-    print(f"{r['dtype']:<9}{r['mode']:<7}{r['hidden']:>6}{r['batch']:>4}{r['us_per_step']:>10.1f}"
-          f"{r['tflops']:>9.3f}{(f'{speedup:.2f}' if speedup else '-'):>9}   {goal}")
+    err = r.get("max_error")
+    print(f"{head}{r['us_per_step']:>10.2f}{r['tflops']:>9.3f}{(f'{speedup:.2f}' if speedup else '-'):>9}"
+          f"{(f'{err:.1e}' if err is not None else '-'):>10}   {goal(r)}")
 for r in summary["train_step"]:
     print(f"train step {r['precision']:<5} batch {r['batch']:>3} hidden {r['hidden']:>5}: ours "
           f"{1000 * r['ours_step_seconds']:.1f} ms ({','.join(r['ours_backends'] or [])}), cuDNN RNN "
           f"{1000 * r['torch_rnn_step_seconds']:.1f} ms, {r['speedup']:.2f}x")
 EOF
-[ "$status_build" = passed ] && [ "$status_tests" = passed ]
+[ "$status_build" = passed ] && [ "$status_tests" = passed ] && [ "$status_v2" = passed ]

@@ -39,11 +39,15 @@ HIDDEN_SIZES = (512, 1152, 1760, 2048, 2560)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 TIME_STEPS = 200
 DTYPES = ("float32", "float16", "bfloat16")
-BACKENDS = ("persistent", "cudnn", "reference")
+BACKENDS = ("persistent", "persistent_v2", "cudnn", "reference")
+# Backends that are the persistent op with one kernel variant forced (PRNN_VARIANT, read per call by the
+# C API): "persistent" runs whatever PRNN_VARIANT says (v1 by default).
+VARIANT_BACKENDS = {"persistent_v2": "v2"}
 MODES = ("fwd", "fwdbwd")
 QUICK = dict(hidden=(256,), batch=(1, 4, 16), time_steps=50, dtype=("float32",))  # --quick
 CPU_DEFAULT = QUICK  # a CPU run without explicit sizes: minutes, not the hours of the GPU sweep
-CPU_LABELS = {"cudnn": "torch.nn.RNN (cpu)", "persistent": "persistent (C++ cpu loop)", "reference": "reference (cpu)"}
+CPU_LABELS = {"cudnn": "torch.nn.RNN (cpu)", "persistent": "persistent (C++ cpu loop)", "reference": "reference (cpu)",
+              "persistent_v2": "persistent v2 (a CUDA kernel: not on cpu)"}
 TARGET_SECONDS_PER_CONFIG = 0.15  # timed repetitions stop after about this long (after warm-up)
 MIN_REPEATS = 5
 MAX_REPEATS = 50
@@ -66,6 +70,8 @@ class Measurement:
     speedup_over_cudnn: float | None = None  # cudnn time / this time, same run (on the CPU: torch.nn.RNN's)
     error: str | None = None  # why this backend could not run the configuration
     label: str | None = None  # what the backend is on this device, for tables and plots (None: the backend)
+    plan: str | None = None  # the persistent kernel's variant and tiling (prnnDescribePlan), CUDA only
+    max_error: float | None = None  # fwd: max |y - y_float64| / max(1, max |y_float64|), same inputs
 
 
 def backend_label(backend: str, device_type: str) -> str:
@@ -85,7 +91,8 @@ def _csv(kind):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--backends", type=_csv(str), default=BACKENDS, help="comma list of " + ",".join(BACKENDS))
+    parser.add_argument("--backends", type=_csv(str), default=None,
+                        help="comma list of " + ",".join(BACKENDS) + " (default: all; on the CPU all but persistent_v2)")
     parser.add_argument("--hidden", type=_csv(int), default=None, help="comma list (default 512,1152,1760,2048,2560)")
     parser.add_argument("--batch", type=_csv(int), default=None, help="comma list (default 1,2,4,8,16,32,64)")
     parser.add_argument("--time-steps", type=int, default=None, help=f"T (default {TIME_STEPS})")
@@ -145,6 +152,41 @@ def _time_runs(step, device, max_repeats: int) -> tuple[float, int]:
 
 
 def measure(backend, mode, dtype_name, hidden, batch, time_steps, directions, activation, device, max_repeats):
+    """One backend on one configuration. Variant backends set PRNN_VARIANT for the measurement only."""
+    import os
+
+    variant = VARIANT_BACKENDS.get(backend)
+    if variant is not None and device.type != "cuda":
+        return Measurement(backend, mode, dtype_name, hidden, batch, time_steps, directions, None, None, 0,
+                           error="kernel v2 is a CUDA kernel", label=backend_label(backend, device.type))
+    previous = os.environ.get("PRNN_VARIANT")
+    if variant is not None:
+        os.environ["PRNN_VARIANT"] = variant
+    try:
+        return _measure(backend, "persistent" if variant is not None else backend, mode, dtype_name, hidden, batch,
+                        time_steps, directions, activation, device, max_repeats)
+    finally:
+        if variant is not None:
+            if previous is None:
+                os.environ.pop("PRNN_VARIANT", None)
+            else:
+                os.environ["PRNN_VARIANT"] = previous
+
+
+def _plan_text(op_backend, dtype, hidden, batch, time_steps, directions, activation, device) -> str | None:
+    if op_backend != "persistent" or device.type != "cuda":
+        return None
+    try:
+        from asr.ops import custom_op
+
+        return custom_op.ops().plan_description(time_steps, batch, directions, hidden, activation, dtype,
+                                                device.index or 0, False)
+    except (RuntimeError, AttributeError) as err:
+        return f"unknown: {str(err).splitlines()[0][:200]}"
+
+
+def _measure(backend, op_backend, mode, dtype_name, hidden, batch, time_steps, directions, activation, device,
+             max_repeats):
     import torch
 
     from asr.ops import recurrence
@@ -156,7 +198,9 @@ def measure(backend, mode, dtype_name, hidden, batch, time_steps, directions, ac
     u = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     w = (torch.randn(w_shape, generator=generator) * (0.5 / math.sqrt(hidden))).to(device=device, dtype=dtype)
     base = dict(backend=backend, mode=mode, dtype=dtype_name, hidden=hidden, batch=batch, time_steps=time_steps,
-                directions=directions, label=backend_label(backend, device.type))
+                directions=directions, label=backend_label(backend, device.type),
+                plan=_plan_text(op_backend, dtype, hidden, batch, time_steps, directions, activation, device))
+    backend = op_backend
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -174,7 +218,14 @@ def measure(backend, mode, dtype_name, hidden, batch, time_steps, directions, ac
     except (UserError, RuntimeError) as err:
         return Measurement(**base, us_per_step=None, tflops=None, repeats=0, error=str(err).splitlines()[0][:300])
     flops = _flops(mode, batch, hidden, time_steps, directions)
-    return Measurement(**base, us_per_step=seconds / time_steps * 1e6, tflops=flops / seconds / 1e12, repeats=repeats)
+    error = None
+    if mode == "fwd":
+        with torch.no_grad():
+            y, _ = recurrence(u, w, None, None, activation, backend)
+            y64, _ = recurrence(u.double(), w.double(), None, None, activation, "reference")
+            error = float((y.double() - y64).abs().max() / y64.abs().max().clamp(min=1.0))
+    return Measurement(**base, us_per_step=seconds / time_steps * 1e6, tflops=flops / seconds / 1e12, repeats=repeats,
+                       max_error=error)
 
 
 def _with_speedups(measurements: list[Measurement]) -> list[Measurement]:
@@ -219,7 +270,7 @@ def plot(measurements: list[Measurement], path: Path, title: str) -> str | None:
         m.dtype in DTYPES for m in measurements) else str)
     modes = [mode for mode in MODES if any(m.mode == mode for m in measurements)]
     hiddens = sorted({m.hidden for m in measurements})
-    styles = {"persistent": "-", "cudnn": "--", "reference": ":"}
+    styles = {"persistent": "-", "persistent_v2": "-.", "cudnn": "--", "reference": ":"}
     figure, axes = plt.subplots(len(dtypes), len(modes), figsize=(6 * len(modes), 4 * len(dtypes)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, dtype in enumerate(dtypes):
@@ -267,6 +318,8 @@ def run_sweep(args, on_progress=None) -> dict:
         raise UserError("--device cuda: no CUDA GPU is visible")
     sizes = problem_set(args, device.type)
     hiddens, batches, time_steps, dtypes = sizes["hidden"], sizes["batch"], sizes["time_steps"], sizes["dtype"]
+    if args.backends is None:  # kernel v2 is a CUDA kernel: a CPU run leaves it out unless asked
+        args.backends = BACKENDS if device.type == "cuda" else tuple(b for b in BACKENDS if b not in VARIANT_BACKENDS)
     for name, values, allowed in (("--backends", args.backends, BACKENDS), ("--dtype", dtypes, DTYPES),
                                   ("--modes", args.modes, MODES)):
         bad = [v for v in values if v not in allowed]
