@@ -1,7 +1,9 @@
 """The persistent kernel through the PyTorch op, on a GPU (every test here is marked `cuda` and
 skips itself without one): accuracy against a float64 reference bounded by 2x the error of the
 same-precision PyTorch implementation, poisoned outputs, ragged batches in both directions,
-torch.compile, CUDA-graph capture, back-to-back launches, fallback and the barrier benchmark."""
+torch.compile (also with dynamic shapes), opcheck, CUDA-graph capture replayed twice with new
+inputs, 3,000 back-to-back launches compared with the first, N > 64, T = 1000, empty sequences,
+fallback and the barrier benchmark. gpu_check runs this file twice: v1 and PRNN_VARIANT=v2."""
 
 import os
 import subprocess
@@ -28,8 +30,9 @@ CASES = [
     (513, 5, 50, 2, True, "relu"),
     (1152, 4, 100, 2, True, "relu"),
     (2048, 16, 30, 1, False, "tanh"),
+    (300, 70, 20, 2, True, "relu"),    # N > 64
+    (64, 3, 1000, 1, True, "tanh"),    # T >= 1000
 ]
-POISON = float("nan")
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,11 @@ def _problem(H, N, T, D, ragged, activation, dtype, device, seed=0):
     u = torch.randn(T, N, D, H, generator=g, dtype=torch.float64) * scale
     w = torch.randn(D, H, H, generator=g, dtype=torch.float64) * (0.9 / H**0.5)
     h0 = torch.randn(N, D, H, generator=g, dtype=torch.float64) * 0.5
-    lengths = torch.randint(1, T + 1, (N,), generator=g) if ragged else torch.full((N,), T)
+    lengths = torch.randint(0, T + 1, (N,), generator=g) if ragged else torch.full((N,), T)
     if ragged:
         lengths[0] = T
+        if N > 2:
+            lengths[1] = 0  # an empty sequence: h_last = h0, no output
     dy = torch.randn(T, N, D, H, generator=g, dtype=torch.float64)
     dh = torch.randn(N, D, H, generator=g, dtype=torch.float64)
     to = dict(device=device)
@@ -56,8 +61,10 @@ def _problem(H, N, T, D, ragged, activation, dtype, device, seed=0):
 
 
 def _poison_allocator(nbytes, device):
-    """Fill freed caching-allocator memory with NaN so that outputs the kernel fails to write show up."""
-    block = torch.full((nbytes // 4 + 1024,), POISON, dtype=torch.float32, device=device)
+    """Fill freed caching-allocator memory with 0xFF bytes so that outputs the kernel fails to write
+    show up: every 2 or 4 bytes of them is a NaN in fp16, bf16 and fp32 alike (a float32 NaN written
+    as words would read as +0.0 in the low half of a 16-bit pair)."""
+    block = torch.full((nbytes + 4096,), 255, dtype=torch.uint8, device=device)
     del block
 
 
@@ -141,6 +148,30 @@ def test_cuda_graph_capture_forward_and_backward(gpu):
     for a, b in zip(captured, expected):
         torch.testing.assert_close(a, b)
     assert not all(torch.equal(a, b) for a, b in zip(captured, eager)), "replay must see the new inputs"
+    first = [t.clone() for t in captured]
+    for t in inputs:  # a second replay with new inputs again
+        t.data.mul_(-1.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, step()):
+        torch.testing.assert_close(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(captured, first)), "the second replay must see its inputs"
+
+
+def test_compile_dynamic_shapes(gpu):
+    def layer(u, w, lengths):
+        y, h_last = recurrence(u, w, None, lengths, "relu", "persistent")
+        return y.sum() + h_last.sum()
+
+    compiled = torch.compile(layer, dynamic=True)
+    for T, N in ((12, 3), (20, 5), (7, 9)):
+        u, w, _, _, _, lengths = _problem(96, N, T, 2, True, "relu", torch.float32, gpu, seed=T)
+        torch.testing.assert_close(compiled(u, w, lengths), layer(u, w, lengths), rtol=1e-5, atol=1e-4)
+
+
+def test_opcheck_on_cuda(gpu):
+    u, w, h0, _, _, lengths = _problem(40, 3, 6, 2, True, "tanh", torch.float32, gpu)
+    torch.library.opcheck(custom_op.ops().recurrence_forward, (u, w, h0, lengths, "tanh"))
 
 
 def test_thousands_of_launches_do_not_hang(gpu):
@@ -152,12 +183,19 @@ def test_thousands_of_launches_do_not_hang(gpu):
         torch.manual_seed(0)
         u = torch.randn(50, 8, 2, 256, device="cuda", requires_grad=True)
         w = (torch.randn(2, 256, 256, device="cuda") * 0.05).requires_grad_()
+        first = None
         for i in range(3000):
             y, _ = recurrence(u, w, backend="persistent")
-            if i % 3 == 0:
-                torch.autograd.grad(y.sum(), (u, w))
+            if first is None:
+                first = y.detach().clone()
+                g_first = torch.autograd.grad(y.sum(), (u, w))
+            elif i % 3 == 0:
+                g = torch.autograd.grad(y.sum(), (u, w))
         torch.cuda.synchronize()
-        print("launches ok", float(y.float().abs().sum()))
+        # The same inputs, the same kernel: the last launch must give the first launch's outputs.
+        assert torch.equal(y.detach(), first), float((y.detach() - first).abs().max())
+        assert all(torch.equal(a, b) for a, b in zip(g, g_first))
+        print("launches ok")
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,

@@ -26,7 +26,7 @@ import re
 import torch
 
 from asr.errors import UserError
-from asr.ops import build, custom_op
+from asr.ops import build, custom_op, selfcheck
 from asr.ops.custom_op import PersistentKernelError, deferred_error, is_deferred, kernel_failure_reason
 from asr.ops.cudnn import recurrence_cudnn, unsupported_reason as cudnn_unsupported_reason
 from asr.ops.reference import ACTIVATIONS, recurrence_reference
@@ -187,6 +187,8 @@ def choose_backend(requested: str, device_type: str, device_index: int | None, s
         reason = persistent_unavailable_reason(device_type, device_index, shape, activation, dtype)
         if reason is None and requested == "auto" and (device_type, device_index) in _failed_devices:
             reason = f"an earlier persistent launch on this device failed: {_failed_devices[device_type, device_index]}"
+        if reason is None and requested == "auto" and device_type == "cuda":
+            reason = _first_use_check(device_index, shape, activation, dtype)
         if reason is None:
             choice = "persistent"
         elif requested == "persistent":
@@ -196,6 +198,37 @@ def choose_backend(requested: str, device_type: str, device_index: int | None, s
             _log_once(f"recurrence: backend 'auto' falls back to {choice!r} ({device_type}): {reason}")
     _decisions[key] = choice
     return choice
+
+
+def _first_use_check(device_index: int | None, shape: tuple, activation: str, dtype: torch.dtype) -> str | None:
+    """None when "auto" may take the persistent op on CUDA (asr/ops/selfcheck.py: right on a small
+    problem against float64, not slower than cuDNN on this shape), else why not."""
+    if not selfcheck.enabled() or torch.compiler.is_compiling():
+        return None
+    T, N, D, H = shape
+    device = torch.device("cuda", device_index if device_index is not None else torch.cuda.current_device())
+    key = (device.index, dtype, H, D, activation, selfcheck.variant(), T, N)
+    fallback = _fallback_backend(activation)
+
+    def persistent(u, w):
+        return custom_op.ops().recurrence_forward(u, w, u.new_zeros(u.shape[1], D, H),
+                                                  torch.full((u.shape[1],), u.shape[0], dtype=torch.long, device=u.device),
+                                                  activation)[0]
+
+    def reference(u, w):
+        return recurrence_reference(u, w, u.new_zeros(u.shape[1], D, H),
+                                    torch.full((u.shape[1],), u.shape[0], dtype=torch.long, device=u.device),
+                                    activation)[0]
+
+    def cudnn(u, w):
+        return recurrence_cudnn(u, w, u.new_zeros(u.shape[1], D, H),
+                                torch.full((u.shape[1],), u.shape[0], dtype=torch.long, device=u.device), activation,
+                                all_full_length=True)[0]
+
+    verdict = selfcheck.check(key, shape, activation, dtype, device, persistent, reference,
+                              cudnn if fallback == "cudnn" else None, fallback,
+                              lambda: torch.cuda.synchronize(device))
+    return None if verdict.use_persistent else verdict.reason
 
 
 def _run_persistent(key, u, w_hh, h0, lengths, activation):
