@@ -387,6 +387,8 @@ prnnStatus_t run_pass(const prnnProblem_t* p, bool backward, KernelArgs args, vo
   if (fault == Fault::kLaunch)
     return fail(PRNN_STATUS_CUDA_ERROR, "cooperative launch (%s): fault injected (PRNN_FAULT=%s): the launch failed",
                 backward ? "backward" : "forward", fault_env());
+  if (plan.variant == 2 && reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    return fail(PRNN_STATUS_INVALID_VALUE, "kernel v2 needs a 16-byte aligned workspace (it copies exchange words in pairs)");
   const int blocks = plan.variant == 2 ? plan.v2.blocks : plan.v1.blocks;
   const int threads = plan.variant == 2 ? plan.v2.threads : plan.v1.threads;
   const int smem = plan.variant == 2 ? plan.v2.smem_bytes : plan.v1.smem_bytes;

@@ -318,8 +318,8 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
   const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
   const long long red_bytes = static_cast<long long>(p.k_splits) * p.chunk_tiles * kV2BatchTile * p.rows_per_block * 4;
   const long long len_bytes = static_cast<long long>(p.batch_padded + p.n_tiles) * 4;  // lengths, tile flags
-  const long long b_bytes = static_cast<long long>(p.chunk_tiles) * kV2BatchTile * p.b_row_words * 4;
-  if (p.b_row_words != p.hidden_padded / p.elems_per_word + 4 || p.smem_a_offset != 0 ||
+  const long long b_bytes = static_cast<long long>(p.chunk_tiles) * kV2BatchTile * p.b_row_words * 8;
+  if (p.b_row_words != p.hidden_padded / p.elems_per_word + 2 || p.smem_a_offset != 0 ||
       p.smem_red_offset % kSmemAlign || p.smem_b_offset % kSmemAlign || p.smem_len_offset % kSmemAlign ||
       a_bytes > p.smem_red_offset || p.smem_red_offset + red_bytes > p.smem_b_offset ||
       p.smem_b_offset + b_bytes > p.smem_len_offset || p.smem_len_offset + len_bytes > p.smem_bytes) {
@@ -363,6 +363,10 @@ bool make_plan_v2(const DeviceLimits& dev, const ProblemShape& s, int precision,
     return false;
   }
   if (regs_per_thread <= 0) regs_per_thread = kKernelMaxRegsPerThread;
+  if (s.time_steps + 1 > kV2MaxSteps) {
+    write_reason(reason, len, "v2: %d time steps exceed the exchange tag's %d", s.time_steps, kV2MaxSteps - 1);
+    return false;
+  }
   PlanV2 p = {};
   p.time_steps = s.time_steps;
   p.batch = s.batch;
@@ -428,9 +432,9 @@ bool make_plan_v2(const DeviceLimits& dev, const ProblemShape& s, int precision,
   const long long usable = static_cast<long long>(usable_smem_per_block(dev));
   const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
   const long long len_bytes = round_up(static_cast<long long>(p.batch_padded + p.n_tiles) * 4, kSmemAlign);
-  p.b_row_words = p.hidden_padded / p.elems_per_word + 4;
+  p.b_row_words = p.hidden_padded / p.elems_per_word + 2;
   const long long red_per_tile = static_cast<long long>(p.k_splits) * kV2BatchTile * p.rows_per_block * 4;
-  const long long b_per_tile = static_cast<long long>(kV2BatchTile) * p.b_row_words * 4;
+  const long long b_per_tile = static_cast<long long>(kV2BatchTile) * p.b_row_words * 8;
   const long long per_tile = red_per_tile + b_per_tile;
   const long long room = usable - a_bytes - len_bytes - 2 * kSmemAlign;
   if (room < per_tile) {

@@ -133,10 +133,12 @@ PRNN_HD int plan_k_end(const Plan& p, int k_split) {
 //   * The batch is the MMA N dimension, in tiles of 8 sequences; n tiles are processed chunk_tiles
 //     at a time (partials of the k_splits warps are summed through shared memory).
 //   * No grid barrier: a block publishes its slice of the new state into a two-slot ring in the
-//     workspace as 8-byte words, 32 bits of payload (two bf16/fp16 or one fp32) and 32 bits of step
-//     tag, written with one store; readers poll the words they need until the tag is theirs. All
-//     threads of a block copy the payloads of a chunk's tiles into shared memory at once (one L2
-//     round trip per chunk and step), where the warps read their B fragments.
+//     workspace as 8-byte words, 32 bits of payload (two bf16/fp16 or one fp32) and a 32-bit tag
+//     (24 bits of step, 8 bits of payload check), written with one store; readers wait until each
+//     word they need carries their step. All threads of a block copy a chunk's words into shared
+//     memory at once with cp.async (one L2 round trip per chunk and step, no registers held), check
+//     their tags there, re-poll only the words that were not ready, and the warps read their B
+//     fragments from the staged words.
 enum V2Precision : int { kV2Mma16 = 0, kV2Tf32 = 1, kV2Tf32x3 = 3 };
 // Kernel instantiations (reg_steps template values). 16 register steps (64 A registers) spill under
 // the 128-register cap of __launch_bounds__(512, 1) (ptxas, sm_80 and sm_90), so steps past 8 live in
@@ -147,6 +149,7 @@ constexpr int kV2MaxWarps = 16;                  // __launch_bounds__(512, 1)
 constexpr int kV2RowTile = 16;
 constexpr int kV2BatchTile = 8;
 constexpr int kV2RingSlots = 2;
+constexpr int kV2MaxSteps = (1 << 24) - 1;  // the exchange tag keeps the step in 24 bits
 
 struct PlanV2 {
   int time_steps, batch, directions, hidden, elem_bytes;
@@ -170,8 +173,8 @@ struct PlanV2 {
   int blocks_per_sm;
   int smem_a_offset;    // uint32 [warps][smem_steps][32][4]
   int smem_red_offset;  // float [k_splits][chunk_tiles * 8][rows_per_block]
-  int smem_b_offset;    // uint32 [chunk_tiles * 8][b_row_words]: the staged previous state (payloads)
-  int b_row_words;      // hidden_padded / elems_per_word + 4 (the pad spreads the 8 sequences over banks)
+  int smem_b_offset;    // 8-byte words [chunk_tiles * 8][b_row_words]: the staged exchange words
+  int b_row_words;      // hidden_padded / elems_per_word + 2 (the pad spreads the 8 sequences over banks)
   int smem_len_offset;  // int [batch_padded] sequence lengths, then int [n_tiles] per-step tile flags
   int smem_bytes;
   long long ring_words; // kV2RingSlots * D * batch_padded * (hidden_padded / elems_per_word)

@@ -5,12 +5,15 @@
 //   backward-data:  du_t = (dy_t + W^T du_{t+1}) * act'(y_t) A = W^T[rows, :]
 //
 // Each warp keeps its A fragments (mma.sync layout, prnn_fragments.h) for the whole launch, in
-// registers and, past reg_steps k steps, in shared memory. Per step and per tile of 8 sequences it
-// reads the B fragments (the previous state, in the MMA input type) straight from the exchange
-// ring: each 8-byte word is {payload, step tag}, written by the producing block in one store, so a
-// reader that sees the tag it waits for also sees the payload; there is no flag to order against the
-// data and no grid-wide barrier. Partial sums of the warps that split k meet in shared memory; the
-// epilogue applies the activation, writes y (or du) and publishes the block's rows for the next step.
+// registers and, past reg_steps k steps, in shared memory. Per step and chunk of n tiles (8
+// sequences each) the block stages the previous state from the exchange ring: every thread starts
+// cp.async copies of its word pairs at once (one L2 round trip, no registers held), then checks its
+// own words in shared memory and re-polls only those not yet carrying the step. Each 8-byte word is
+// {payload: two bf16/fp16 or one fp32; check byte; 24-bit step}, written by its producer in one
+// store, so a word with the awaited step and a matching check byte carries that step's payload;
+// there is no flag to order against the data and no grid-wide barrier. Warps then read their B
+// fragments from the staged words, partial sums of the warps that split k meet in shared memory,
+// and the epilogue applies the activation, writes y (or du) and publishes the block's rows.
 //
 // Why two ring slots suffice: a block writes step s into slot s & 1 only after it has read step
 // s-1 from every producer of its k range (= all rows), and each producer wrote step s-1 only after
@@ -100,7 +103,29 @@ __device__ __forceinline__ void ring_store(unsigned long long* p, unsigned long 
   asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ bool warp_any(bool v) { return __any_sync(0xffffffffu, v) != 0; }
+// 16 bytes (two exchange words) global -> shared, asynchronously, through L2 only (.cg: no L1 line
+// that could be stale). Each 8-byte word is validated by its tag and check byte after the copy.
+__device__ __forceinline__ void async_copy16(void* smem_dst, const void* gmem_src) {
+  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void async_copy_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 #endif  // PRNN_HOST_EMULATION
+
+// Exchange word: payload in the low 32 bits, then 8 bits of payload check, then 24 bits of step.
+// The check byte makes a word read in two halves (a weak copy torn between two stores) fail its
+// validation instead of pairing one store's tag with another's payload.
+__device__ __forceinline__ unsigned int v2_check8(uint32_t payload) {
+  return ((payload ^ (payload >> 8) ^ (payload >> 16) ^ (payload >> 24)) & 0xFFu) ^ 0x5Au;
+}
+__device__ __forceinline__ unsigned long long v2_word(unsigned int step, uint32_t payload) {
+  return (static_cast<unsigned long long>(step) << 40) | (static_cast<unsigned long long>(v2_check8(payload)) << 32) |
+         payload;
+}
+__device__ __forceinline__ unsigned int v2_word_step(unsigned long long w) { return static_cast<unsigned int>(w >> 40); }
+__device__ __forceinline__ bool v2_word_intact(unsigned long long w) {
+  return static_cast<unsigned int>((w >> 32) & 0xFFu) == v2_check8(static_cast<uint32_t>(w));
+}
 
 constexpr unsigned int kExchangePollsPerClockCheck = 256;
 constexpr int kV2LoadChunk = 4;  // k steps of exchange words in flight per lane before the first wait
@@ -161,23 +186,21 @@ __device__ __forceinline__ void v2_mma(float (&acc)[4], const uint32_t (&a)[4], 
   } else if constexpr (kPrec == kV2Tf32) {
     const uint32_t bt[2] = {tf32_bits(bits_as_float(b[0])), tf32_bits(bits_as_float(b[1]))};
     mma_1688_tf32(acc, a, bt);
-  } else {  // 3xTF32: a*b ~ a_hi*b_hi + a_hi*b_lo + a_lo*b_hi, small terms first
-    uint32_t a_hi[4], a_lo[4], b_hi[2], b_lo[2];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float x = bits_as_float(a[i]);
-      a_hi[i] = tf32_bits(x);
-      a_lo[i] = tf32_bits(x - bits_as_float(a_hi[i]));
-    }
+  } else {  // 3xTF32: a*b ~ a_hi*b_lo + a_hi*b_hi + a_lo*b_hi (a_lo overwrites a_hi: 4 temporaries, not 8)
+    uint32_t b_hi[2], b_lo[2], t[4];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float x = bits_as_float(b[i]);
       b_hi[i] = tf32_bits(x);
       b_lo[i] = tf32_bits(x - bits_as_float(b_hi[i]));
     }
-    mma_1688_tf32(acc, a_lo, b_hi);
-    mma_1688_tf32(acc, a_hi, b_lo);
-    mma_1688_tf32(acc, a_hi, b_hi);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) t[i] = tf32_bits(bits_as_float(a[i]));
+    mma_1688_tf32(acc, t, b_lo);
+    mma_1688_tf32(acc, t, b_hi);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) t[i] = tf32_bits(bits_as_float(a[i]) - bits_as_float(t[i]));
+    mma_1688_tf32(acc, t, b_hi);
   }
 }
 
@@ -196,81 +219,83 @@ __device__ __forceinline__ uint32_t v2_payload(float e0, float e1) {
 // previous step's state from the ring (bit 2: from h0, forward step 0).
 enum : int { kTileActive = 1, kTileFromRing = 2, kTileFromH0 = 4 };
 
-// Copies the payloads of the chunk's tiles that need the previous state into b_s (shared memory),
-// polling each exchange word until it carries step s's tag. Returns true when the launch is being
-// abandoned (a bound expired, the protocol broke, or another block gave up).
+// Stages the exchange words of the chunk's tiles in b_s (shared memory): every thread starts the
+// asynchronous copies of its word pairs at once, then checks its own words there and re-polls, one
+// by one, only those that did not yet carry step s's tag. Tiles without ring input get their h0
+// payloads (forward, step 0) or zeros, as words that already pass the check. Returns true when the
+// launch is being abandoned (a bound expired, the protocol broke, or another block gave up).
 template <typename T, int kPrec>
-__device__ __forceinline__ bool v2_stage(const PlanV2& p, const KernelArgs& a, uint32_t* b_s, const int* flags_s,
-                                         int c0, int tiles_here, int s, int d) {
+__device__ __forceinline__ bool v2_stage(const PlanV2& p, const KernelArgs& a, unsigned long long* b_s,
+                                         const int* flags_s, int c0, int tiles_here, int s, int d) {
   constexpr int kEpw = kPrec == kV2Mma16 ? 2 : 1;
-  constexpr int kStageBatch = 8;  // words in flight per thread before the first wait
-  const int Kw = p.hidden_padded / kEpw;
-  const int items = tiles_here * kV2BatchTile * Kw;
-  const unsigned int expected = static_cast<unsigned int>(s);  // step s-1 wrote tag s
-  bool abandon = false;
-  for (int base = threadIdx.x; base < items && !abandon; base += blockDim.x * kStageBatch) {
-    unsigned long long w[kStageBatch];
-    unsigned int pending = 0;
-#pragma unroll
-    for (int q = 0; q < kStageBatch; ++q) {
-      const int idx = base + q * blockDim.x;
-      w[q] = 0ull;
-      if (idx >= items) continue;
-      const int row = idx / Kw, kw = idx - row * Kw;  // row = tt * 8 + j
-      const int tile = c0 + row / kV2BatchTile, n = tile * kV2BatchTile + row % kV2BatchTile;
-      const int f = flags_s[tile];
-      if (n >= p.batch || kw * kEpw >= p.hidden) continue;  // padding: zero
-      if (f & kTileFromRing) {
-        w[q] = ring_load(a.ring + v2_ring_index(p, (s - 1) & 1, d, n, kw));
-        if (static_cast<unsigned int>(w[q] >> 32) != expected) pending |= 1u << q;
-      } else if (f & kTileFromH0) {  // the initial state, rounded to the MMA input type
+  const int Kw = p.hidden_padded / kEpw, pairs_per_row = Kw / 2;
+  const int items = tiles_here * kV2BatchTile * pairs_per_row;
+  const unsigned int expected = static_cast<unsigned int>(s);  // step s-1 wrote step tag s
+  const int slot = (s - 1) & 1;
+  for (int idx = threadIdx.x; idx < items; idx += blockDim.x) {
+    const int row = idx / pairs_per_row, kw = 2 * (idx - row * pairs_per_row);  // row = tt * 8 + j
+    const int tile = c0 + row / kV2BatchTile, n = tile * kV2BatchTile + row % kV2BatchTile;
+    const int f = flags_s[tile];
+    unsigned long long* dst = b_s + row * p.b_row_words + kw;
+    if ((f & kTileFromRing) && n < p.batch && kw * kEpw < p.hidden) {
+      async_copy16(dst, a.ring + v2_ring_index(p, slot, d, n, kw));
+    } else {
+      uint32_t payload[2] = {0u, 0u};
+      if ((f & kTileFromH0) && n < p.batch) {  // the initial state, rounded to the MMA input type
         const T* h0 = static_cast<const T*>(a.h0) + (static_cast<size_t>(n) * p.directions + d) * p.hidden;
-        const int k = kw * kEpw;
-        w[q] = v2_payload<T>(Elem<T>::load(h0 + k), (kEpw == 2 && k + 1 < p.hidden) ? Elem<T>::load(h0 + k + 1) : 0.0f);
-      }
-    }
-    unsigned int polls = 0;
-    unsigned long long first_check_ns = 0;
-    while (pending != 0u && !abandon) {
-      barrier_poll_pause();
 #pragma unroll
-      for (int q = 0; q < kStageBatch; ++q) {
-        if (pending & (1u << q)) {
-          const int idx = base + q * blockDim.x;
-          const int row = idx / Kw, kw = idx - row * Kw;
-          const int n = (c0 + row / kV2BatchTile) * kV2BatchTile + row % kV2BatchTile;
-          w[q] = ring_load(a.ring + v2_ring_index(p, (s - 1) & 1, d, n, kw));
-          const unsigned int tag = static_cast<unsigned int>(w[q] >> 32);
-          if (tag == expected) pending &= ~(1u << q);
-          if (tag > expected) {  // the slot was overwritten before this block read it: must never happen
-            record_exchange_failure(a, kKernelExchangeProtocol, s, v2_producer_block(p, d, kw * kEpw), tag);
-            abandon = true;
-          }
+        for (int j = 0; j < 2; ++j) {
+          const int k = (kw + j) * kEpw;
+          if (k < p.hidden)
+            payload[j] = v2_payload<T>(Elem<T>::load(h0 + k), (kEpw == 2 && k + 1 < p.hidden) ? Elem<T>::load(h0 + k + 1) : 0.0f);
         }
       }
-      if (pending != 0u && !abandon && ++polls % kExchangePollsPerClockCheck == 0) {
-        if (load_acquire_gpu(a.status + kStatusCode) != kKernelOk) {
-          abandon = true;  // another block gave up
-        } else {
+      dst[0] = v2_word(expected, payload[0]);
+      dst[1] = v2_word(expected, payload[1]);
+    }
+  }
+  async_copy_wait_all();  // this thread's copies have landed (each thread checks only its own)
+  bool abandon = false;
+  for (int idx = threadIdx.x; idx < items && !abandon; idx += blockDim.x) {
+    const int row = idx / pairs_per_row, kw0 = 2 * (idx - row * pairs_per_row);
+    const int tile = c0 + row / kV2BatchTile, n = tile * kV2BatchTile + row % kV2BatchTile;
+    if (!((flags_s[tile] & kTileFromRing) && n < p.batch && kw0 * kEpw < p.hidden)) continue;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int kw = kw0 + j;
+      unsigned long long* dst = b_s + row * p.b_row_words + kw;
+      if (kw * kEpw >= p.hidden) {  // padding past H: never written by a producer
+        *dst = v2_word(expected, 0u);
+        continue;
+      }
+      unsigned long long w = *dst;
+      unsigned int polls = 0;
+      unsigned long long first_check_ns = 0;
+      while (!(v2_word_step(w) == expected && v2_word_intact(w))) {
+        if (v2_word_step(w) > expected && v2_word_intact(w)) {  // a slot overwritten before it was read
+          record_exchange_failure(a, kKernelExchangeProtocol, s, v2_producer_block(p, d, kw * kEpw), v2_word_step(w));
+          abandon = true;
+          break;
+        }
+        if (++polls % kExchangePollsPerClockCheck == 0) {
+          if (load_acquire_gpu(a.status + kStatusCode) != kKernelOk) {
+            abandon = true;  // another block gave up
+            break;
+          }
           const unsigned long long now = global_timer_ns();
           if (first_check_ns == 0) {
             first_check_ns = now;
           } else if (now - first_check_ns > a.barrier_timeout_ns) {
-            const int q = __ffs(pending) - 1;  // the first word still missing names its producer
-            const int idx = base + q * blockDim.x, kw = idx % Kw;
             record_exchange_failure(a, kKernelExchangeTimeout, s, v2_producer_block(p, d, kw * kEpw), 0u);
             abandon = true;
+            break;
           }
         }
+        barrier_poll_pause();
+        w = ring_load(a.ring + v2_ring_index(p, slot, d, n, kw));
       }
-    }
-#pragma unroll
-    for (int q = 0; q < kStageBatch; ++q) {
-      const int idx = base + q * blockDim.x;
-      if (idx < items) {
-        const int row = idx / Kw, kw = idx - row * Kw;
-        b_s[row * p.b_row_words + kw] = static_cast<uint32_t>(w[q]);
-      }
+      if (abandon) break;
+      *dst = w;
     }
   }
   return abandon;
@@ -282,7 +307,7 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
   unsigned char* smem = dynamic_smem();
   uint4* a_s = reinterpret_cast<uint4*>(smem + p.smem_a_offset);      // [warps][smem_steps][32] x 4 registers
   float* red_s = reinterpret_cast<float*>(smem + p.smem_red_offset);  // [k_splits][chunk_tiles*8][rows_per_block]
-  uint32_t* b_s = reinterpret_cast<uint32_t*>(smem + p.smem_b_offset);  // [chunk_tiles*8][b_row_words]
+  unsigned long long* b_s = reinterpret_cast<unsigned long long*>(smem + p.smem_b_offset);  // [chunk_tiles*8][b_row_words]
   int* len_s = reinterpret_cast<int*>(smem + p.smem_len_offset);      // [batch_padded], then flags [n_tiles]
   int* flags_s = len_s + p.batch_padded;
 
@@ -350,18 +375,20 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
       for (int tt = 0; tt < tiles_here; ++tt) {
         if (!(flags_s[c0 + tt] & (kTileFromRing | kTileFromH0))) continue;  // block-uniform: zero input
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const uint32_t* b_row = b_s + (tt * kV2BatchTile + frag::group_id(lane)) * p.b_row_words + (lane & 3);
+        // B payloads: the low 32 bits of the staged words (word = 2 uint32, payload first).
+        const uint32_t* b_row = reinterpret_cast<const uint32_t*>(b_s + (tt * kV2BatchTile + frag::group_id(lane)) * p.b_row_words +
+                                                                  (lane & 3));
 #pragma unroll
         for (int i = 0; i < kRegSteps; ++i) {
           if (i < my_steps) {  // warp-uniform
-            const uint32_t b[2] = {b_row[(step0 + i) * 8], b_row[(step0 + i) * 8 + 4]};
+            const uint32_t b[2] = {b_row[2 * ((step0 + i) * 8)], b_row[2 * ((step0 + i) * 8 + 4)]};
             v2_mma<T, kPrec>(acc, a_reg[i], b);
           }
         }
         for (int i = kRegSteps; i < my_steps; ++i) {
           const uint4 v = a_s[(warp * p.smem_steps + (i - kRegSteps)) * kWarpSize + lane];
           const uint32_t af[4] = {v.x, v.y, v.z, v.w};
-          const uint32_t b[2] = {b_row[(step0 + i) * 8], b_row[(step0 + i) * 8 + 4]};
+          const uint32_t b[2] = {b_row[2 * ((step0 + i) * 8)], b_row[2 * ((step0 + i) * 8 + 4)]};
           v2_mma<T, kPrec>(acc, af, b);
         }
 #pragma unroll
@@ -422,7 +449,7 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         }
         if ((f & kTileActive) && s + 1 < steps && publishes) {
           const uint32_t payload = v2_payload<T>(out[0], out[kEpw - 1]);
-          const unsigned long long word = (static_cast<unsigned long long>(s + 1) << 32) | payload;
+          const unsigned long long word = v2_word(static_cast<unsigned int>(s + 1), payload);
           ring_store(a.ring + v2_ring_index(p, s & 1, d, n, (row0 + rw * kEpw) / kEpw), word);
         }
       }
@@ -453,7 +480,7 @@ const void* select_kernel_v2(prnnDataType_t dtype, int precision, int reg_steps)
       PRNN_V2_REG_STEPS(__half, kV2Mma16)
     case PRNN_DATA_FLOAT:
       if (precision == kV2Tf32) PRNN_V2_REG_STEPS(float, kV2Tf32)
-      if (precision == kV2Tf32x3)  // 4 register steps only (8 spill; the planner never asks for them)
+      if (precision == kV2Tf32x3)  // 4 register steps only: 8 spill (ptxas); the planner never asks for them
         return reg_steps == 4 ? reinterpret_cast<const void*>(&persistent_rnn_v2_kernel<float, kV2Tf32x3, 4, kBackward>)
                               : nullptr;
       return nullptr;

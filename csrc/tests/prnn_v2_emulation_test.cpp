@@ -235,6 +235,15 @@ inline void ring_store(unsigned long long* p, unsigned long long v) {
   m.flush_due();
 }
 
+// cp.async of two exchange words: each read through the (possibly adversarial) ring memory.
+inline void async_copy16(void* dst, const void* src) {
+  auto* d = static_cast<unsigned long long*>(dst);
+  const auto* from = static_cast<const unsigned long long*>(src);
+  d[0] = ring_load(from);
+  d[1] = ring_load(from + 1);
+}
+inline void async_copy_wait_all() {}
+
 }  // namespace prnn
 
 #pragma GCC diagnostic push
