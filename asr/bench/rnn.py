@@ -4,8 +4,13 @@
     asr bench rnn --device cpu                      # on the CPU: a small set (C++ op vs torch.nn.RNN), ~1 min
     asr bench rnn --hidden 1152 --batch 4,64 --dtype float32,float16 --out benchmarks/results/rnn_h100.json
 
-Every configuration times all requested backends in the same process, one after another, so the
-speedup over cuDNN (torch.nn.RNN's kernel) is measured in the same run. "fwd" is the forward pass;
+Every configuration times all requested backends in the same process, one after another, on the same
+tensors, so the speedup over cuDNN (torch.nn.RNN's kernel) is measured in the same run. On CUDA each
+backend's call is captured in a CUDA graph and GRAPH_REPLAYS replays are timed with CUDA events
+(median, p10, p90; `timing` says how, and falls back to timing eager calls with events where a
+backend cannot be captured); each row also records the persistent kernel's plan (v1 or v2 and its
+tiling) and, for fwd, the error against float64 on the same inputs. This CUDA timing path has not
+yet run on a GPU. "fwd" is the forward pass;
 "fwdbwd" is forward plus backward (gradients wrt u, w_hh and h0). FLOPs: the forward recurrence is
 2*N*H^2 per step per direction; forward+backward counts three times that (forward, backward-data,
 dW). The cudnn backend also spends one input GEMM on u @ I (see asr/ops/cudnn.py); it is timed as
@@ -72,6 +77,9 @@ class Measurement:
     label: str | None = None  # what the backend is on this device, for tables and plots (None: the backend)
     plan: str | None = None  # the persistent kernel's variant and tiling (prnnDescribePlan), CUDA only
     max_error: float | None = None  # fwd: max |y - y_float64| / max(1, max |y_float64|), same inputs
+    p10_us_per_step: float | None = None  # CUDA: 10th / 90th percentile of the timed replays
+    p90_us_per_step: float | None = None
+    timing: str | None = None  # how the time was taken
 
 
 def backend_label(backend: str, device_type: str) -> str:
@@ -132,6 +140,45 @@ def _sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+GRAPH_REPLAYS = 50  # CUDA: timed replays of the captured graph per configuration
+
+
+def _time_cuda(step, device) -> tuple[float, float, float, int, str]:
+    """CUDA: (median, p10, p90 seconds, replays, method). The step is captured in a CUDA graph once
+    (after warm-up on a side stream) and each replay is timed with CUDA events, so neither launch
+    overhead nor host timing enters; where capture fails (a backend that cannot be captured), each
+    eager call is timed with events instead and the method says so."""
+    import torch
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_RUNS + 1):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    method = f"cuda graph, {GRAPH_REPLAYS} replays timed with cuda events"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    except RuntimeError as err:
+        torch.cuda.synchronize(device)
+        method = f"eager, {GRAPH_REPLAYS} calls timed with cuda events (capture failed: {str(err).splitlines()[0][:120]})"
+        run = step
+    run()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(GRAPH_REPLAYS)]
+    for start, stop in events:
+        start.record()
+        run()
+        stop.record()
+    torch.cuda.synchronize(device)
+    seconds = sorted(start.elapsed_time(stop) / 1e3 for start, stop in events)
+    pick = lambda q: seconds[min(len(seconds) - 1, int(q * len(seconds)))]  # noqa: E731
+    return statistics.median(seconds), pick(0.1), pick(0.9), len(seconds), method
 
 
 def _time_runs(step, device, max_repeats: int) -> tuple[float, int]:
@@ -213,8 +260,13 @@ def _measure(backend, op_backend, mode, dtype_name, hidden, batch, time_steps, d
         def step():
             y, _ = recurrence(u, w, None, None, activation, backend)
             torch.autograd.grad(y, (u, w), dy)
+    p10 = p90 = None
     try:
-        seconds, repeats = _time_runs(step, device, max_repeats)
+        if device.type == "cuda":
+            seconds, p10, p90, repeats, timing = _time_cuda(step, device)
+        else:
+            seconds, repeats = _time_runs(step, device, max_repeats)
+            timing = "wall clock, median"
     except (UserError, RuntimeError) as err:
         return Measurement(**base, us_per_step=None, tflops=None, repeats=0, error=str(err).splitlines()[0][:300])
     flops = _flops(mode, batch, hidden, time_steps, directions)
@@ -224,8 +276,9 @@ def _measure(backend, op_backend, mode, dtype_name, hidden, batch, time_steps, d
             y, _ = recurrence(u, w, None, None, activation, backend)
             y64, _ = recurrence(u.double(), w.double(), None, None, activation, "reference")
             error = float((y.double() - y64).abs().max() / y64.abs().max().clamp(min=1.0))
+    per_step = lambda t: None if t is None else t / time_steps * 1e6  # noqa: E731
     return Measurement(**base, us_per_step=seconds / time_steps * 1e6, tflops=flops / seconds / 1e12, repeats=repeats,
-                       max_error=error)
+                       max_error=error, p10_us_per_step=per_step(p10), p90_us_per_step=per_step(p90), timing=timing)
 
 
 def _with_speedups(measurements: list[Measurement]) -> list[Measurement]:
