@@ -301,6 +301,30 @@ __device__ __forceinline__ bool v2_stage(const PlanV2& p, const KernelArgs& a, u
   return abandon;
 }
 
+// Epilogue operands of one item (sequence n, state word rw) at position pos: forward u, backward dy
+// and y; zero outside the sequence. Each thread loads its first item's before the chunk's wait, so
+// that their latency hides behind the exchange instead of following it.
+template <typename T, bool kBackward, int kEpw>
+__device__ __forceinline__ void v2_epilogue_operands(const PlanV2& p, const KernelArgs& a, int d, int row0, int rows,
+                                                     int pos, int n, int L, int rw, float (&x)[kEpw], float (&yv)[kEpw]) {
+#pragma unroll
+  for (int e = 0; e < kEpw; ++e) {
+    x[e] = 0.0f;
+    yv[e] = 0.0f;
+    const int r = rw * kEpw + e;
+    if (r >= rows || pos < 0 || pos >= L) continue;
+    const int t = d == 0 ? pos : L - 1 - pos;
+    const size_t o = static_cast<size_t>(t) * p.batch * p.directions * p.hidden +
+                     (static_cast<size_t>(n) * p.directions + d) * p.hidden + row0 + r;
+    if (!kBackward) {
+      x[e] = Elem<T>::load(static_cast<const T*>(a.u) + o);
+    } else {
+      x[e] = Elem<T>::load(static_cast<const T*>(a.dy) + o);
+      yv[e] = Elem<T>::load(static_cast<const T*>(a.y_in) + o);
+    }
+  }
+}
+
 template <typename T, int kPrec, int kRegSteps, bool kBackward>
 __global__ void __launch_bounds__(kKernelMaxThreads, 1)
 persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
@@ -368,13 +392,25 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
     __syncthreads();
     for (int c0 = 0; c0 < p.n_tiles; c0 += p.chunk_tiles) {
       const int tiles_here = min(p.chunk_tiles, p.n_tiles - c0);
+      const int row_words = (rows + kEpw - 1) / kEpw;
+      const int items = row_words * tiles_here * kV2BatchTile;  // epilogue items of the chunk
+      float pre_x[kEpw], pre_y[kEpw];                            // this thread's first item's operands
+      {
+        const int j = threadIdx.x / row_words, rw = threadIdx.x - j * row_words;
+        const int n = c0 * kV2BatchTile + j;
+        const int L = (static_cast<int>(threadIdx.x) < items && n < N) ? len_s[n] : 0;
+        v2_epilogue_operands<T, kBackward, kEpw>(p, a, d, row0, rows, pos, n, L, rw, pre_x, pre_y);
+      }
       // Stage the previous state of the chunk (one round trip to L2 for all of it).
       if (__syncthreads_or(v2_stage<T, kPrec>(p, a, b_s, flags_s, c0, tiles_here, s, d))) return;
 
       // Matrix phase: every warp, every tile with an input, its m tile over its k range.
       for (int tt = 0; tt < tiles_here; ++tt) {
         if (!(flags_s[c0 + tt] & (kTileFromRing | kTileFromH0))) continue;  // block-uniform: zero input
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // Two accumulators (even and odd k steps) halve the chain of dependent MMAs (not for 3xTF32,
+        // whose extra registers spill on sm_80; its three MMAs per step are a chain either way).
+        constexpr bool kDual = kPrec != kV2Tf32x3;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         // B payloads: the low 32 bits of the staged words (word = 2 uint32, payload first).
         const uint32_t* b_row = reinterpret_cast<const uint32_t*>(b_s + (tt * kV2BatchTile + frag::group_id(lane)) * p.b_row_words +
                                                                   (lane & 3));
@@ -382,15 +418,17 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         for (int i = 0; i < kRegSteps; ++i) {
           if (i < my_steps) {  // warp-uniform
             const uint32_t b[2] = {b_row[2 * ((step0 + i) * 8)], b_row[2 * ((step0 + i) * 8 + 4)]};
-            v2_mma<T, kPrec>(acc, a_reg[i], b);
+            v2_mma<T, kPrec>((kDual && (i & 1)) ? acc_odd : acc, a_reg[i], b);
           }
         }
         for (int i = kRegSteps; i < my_steps; ++i) {
           const uint4 v = a_s[(warp * p.smem_steps + (i - kRegSteps)) * kWarpSize + lane];
           const uint32_t af[4] = {v.x, v.y, v.z, v.w};
           const uint32_t b[2] = {b_row[2 * ((step0 + i) * 8)], b_row[2 * ((step0 + i) * 8 + 4)]};
-          v2_mma<T, kPrec>(acc, af, b);
+          v2_mma<T, kPrec>((kDual && (i & 1)) ? acc_odd : acc, af, b);
         }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i] += acc_odd[i];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const frag::Coord c = frag::c16x8(lane, i);
@@ -401,8 +439,6 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
 
       // Epilogue: one thread per (row word, sequence): sum the k-split partials, apply the
       // activation (or its derivative), write the outputs and publish the word for the next step.
-      const int row_words = (rows + kEpw - 1) / kEpw;
-      const int items = row_words * tiles_here * kV2BatchTile;
       for (int idx = threadIdx.x; idx < items; idx += blockDim.x) {
         const int j = idx / row_words, rw = idx - j * row_words;
         const int n = c0 * kV2BatchTile + j;
@@ -411,6 +447,13 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         const int f = flags_s[c0 + j / kV2BatchTile];
         const bool has_input = (f & (kTileFromRing | kTileFromH0)) != 0;
         const size_t nd = (static_cast<size_t>(n) * D + d) * H;  // + row: offset within a [N,D,H] slab
+        float x[kEpw], yv[kEpw];
+        if (idx == static_cast<int>(threadIdx.x)) {
+#pragma unroll
+          for (int e = 0; e < kEpw; ++e) x[e] = pre_x[e], yv[e] = pre_y[e];
+        } else {
+          v2_epilogue_operands<T, kBackward, kEpw>(p, a, d, row0, rows, pos, n, L, rw, x, yv);
+        }
         float out[kEpw];
 #pragma unroll
         for (int e = 0; e < kEpw; ++e) {
@@ -424,7 +467,7 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
             if (pos < L) {
               const int t = d == 0 ? pos : L - 1 - pos;
               const size_t o = static_cast<size_t>(t) * step_elems + nd + i;
-              const float h = activate(a.activation, Elem<T>::load(static_cast<const T*>(a.u) + o) + acc);
+              const float h = activate(a.activation, x[e] + acc);
               Elem<T>::store(static_cast<T*>(a.y) + o, h);
               if (pos == L - 1 && a.h_last != nullptr) Elem<T>::store(static_cast<T*>(a.h_last) + nd + i, h);
               out[e] = h;
@@ -438,9 +481,9 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
           } else if (pos < L) {
             const int t = d == 0 ? pos : L - 1 - pos;
             const size_t o = static_cast<size_t>(t) * step_elems + nd + i;
-            float g = Elem<T>::load(static_cast<const T*>(a.dy) + o) + acc;
+            float g = x[e] + acc;
             if (pos == L - 1 && a.dh_last != nullptr) g += Elem<T>::load(static_cast<const T*>(a.dh_last) + nd + i);
-            const float du = g * activation_grad_from_output(a.activation, Elem<T>::load(static_cast<const T*>(a.y_in) + o));
+            const float du = g * activation_grad_from_output(a.activation, yv[e]);
             Elem<T>::store(static_cast<T*>(a.du) + o, du);
             out[e] = du;
           } else {

@@ -87,7 +87,9 @@ inline unsigned long long global_timer_ns() {
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
 }
 // Thousands of OS threads share 2 cores: a polling thread sleeps so that the others can arrive.
-inline void barrier_poll_pause() { std::this_thread::sleep_for(std::chrono::microseconds(200)); }
+// (Tens of thousands of threads, as in a real device's grid, need a longer pause: g_poll_pause_us.)
+inline std::atomic<int> g_poll_pause_us{200};
+inline void barrier_poll_pause() { std::this_thread::sleep_for(std::chrono::microseconds(g_poll_pause_us.load())); }
 inline float __shfl_xor_sync(unsigned int, float v, int lane_mask) {
   EmuWarp& w = *g_block->warps[threadIdx.x / 32];
   const int lane = threadIdx.x % 32;
