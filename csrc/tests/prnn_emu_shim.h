@@ -87,9 +87,22 @@ inline unsigned long long global_timer_ns() {
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
 }
 // Thousands of OS threads share 2 cores: a polling thread sleeps so that the others can arrive.
-// (Tens of thousands of threads, as in a real device's grid, need a longer pause: g_poll_pause_us.)
+// Tens of thousands of threads, as in a real device's grid, need more: consecutive polls (less than
+// 1 ms apart) double the pause up to g_poll_pause_max_us (by default no growth).
 inline std::atomic<int> g_poll_pause_us{200};
-inline void barrier_poll_pause() { std::this_thread::sleep_for(std::chrono::microseconds(g_poll_pause_us.load())); }
+inline std::atomic<int> g_poll_pause_max_us{200};
+inline void barrier_poll_pause() {
+  thread_local int pause_us = 0;
+  thread_local std::chrono::steady_clock::time_point last_end{};
+  const auto now = std::chrono::steady_clock::now();
+  if (pause_us == 0 || now - last_end > std::chrono::milliseconds(1)) {
+    pause_us = g_poll_pause_us.load();
+  } else {
+    pause_us = std::min(2 * pause_us, std::max(g_poll_pause_max_us.load(), g_poll_pause_us.load()));
+  }
+  std::this_thread::sleep_for(std::chrono::microseconds(pause_us));
+  last_end = std::chrono::steady_clock::now();
+}
 inline float __shfl_xor_sync(unsigned int, float v, int lane_mask) {
   EmuWarp& w = *g_block->warps[threadIdx.x / 32];
   const int lane = threadIdx.x % 32;

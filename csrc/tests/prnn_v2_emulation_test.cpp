@@ -379,10 +379,12 @@ void run_threads(int blocks, int threads, size_t smem_bytes, Body body) {
     Body* body;
     EmuBlock* block;
     unsigned int b, t;
+    std::atomic<bool>* go;
   };
+  std::atomic<bool> go{false};  // every thread waits until all exist (no poller starves the creation)
   std::vector<Start> starts;
   for (int b = 0; b < blocks; ++b)
-    for (int t = 0; t < threads; ++t) starts.push_back({&body, bs[b].get(), static_cast<unsigned>(b), static_cast<unsigned>(t)});
+    for (int t = 0; t < threads; ++t) starts.push_back({&body, bs[b].get(), static_cast<unsigned>(b), static_cast<unsigned>(t), &go});
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, kThreadStackBytes);
@@ -390,6 +392,7 @@ void run_threads(int blocks, int threads, size_t smem_bytes, Body body) {
   for (size_t i = 0; i < starts.size(); ++i) {
     auto entry = [](void* arg) -> void* {
       Start& s = *static_cast<Start*>(arg);
+      while (!s.go->load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
       threadIdx.x = s.t;
       blockIdx.x = s.b;
       g_block = s.block;
@@ -402,6 +405,7 @@ void run_threads(int blocks, int threads, size_t smem_bytes, Body body) {
       exit(1);
     }
   }
+  go = true;
   for (pthread_t& t : ids) pthread_join(t, nullptr);
   pthread_attr_destroy(&attr);
 }
@@ -905,21 +909,6 @@ DeviceLimits small_device(int sms, int max_warps, size_t smem) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
-  if (argc > 1 && strcmp(argv[1], "--real") == 0) {
-    // Plans the planner makes for real devices, run whole (one OS thread per CUDA thread: tens of
-    // thousands of threads; minutes on 2 cores). T and N small, H and the grid as on the device.
-    std::mt19937 real_rng(99);
-    g_poll_pause_us = 20000;  // 25,000+ sleeping pollers on 2 cores: wake each rarely
-    const Case real[] = {
-        {"H100 bf16 D=2 H=1152 N=4", device_h100(), Dt::kBf16, prnn::kV2Mma16, 2, 4, 2, 1152, PRNN_ACT_CLIPPED_RELU, true, true, true, true},
-        {"L4 fp32 3xTF32 D=1 H=800 N=3", device_l4(), Dt::kFp32, prnn::kV2Tf32x3, 2, 3, 1, 800, PRNN_ACT_TANH, true, true, true, true},
-    };
-    const int which = argc > 2 ? atoi(argv[2]) : -1;
-    for (int i = 0; i < 2; ++i)
-      if (which < 0 || which == i) run_case(real[i], real_rng);
-    printf("v2 emulation test: %d failures\n", g_failures);
-    return g_failures == 0 ? 0 : 1;
-  }
   std::mt19937 rng(12345);
   test_layouts();
   test_mma16<EmuBf16>("bf16", rng);
