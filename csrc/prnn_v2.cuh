@@ -421,11 +421,17 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
             v2_mma<T, kPrec>((kDual && (i & 1)) ? acc_odd : acc, a_reg[i], b);
           }
         }
-        for (int i = kRegSteps; i < my_steps; ++i) {
-          const uint4 v = a_s[(warp * p.smem_steps + (i - kRegSteps)) * kWarpSize + lane];
-          const uint32_t af[4] = {v.x, v.y, v.z, v.w};
-          const uint32_t b[2] = {b_row[2 * ((step0 + i) * 8)], b_row[2 * ((step0 + i) * 8 + 4)]};
-          v2_mma<T, kPrec>((kDual && (i & 1)) ? acc_odd : acc, af, b);
+        // Shared-memory steps in pairs (kRegSteps is even), so that each accumulator is named at
+        // compile time (an array picked at run time would live in local memory).
+        for (int i = kRegSteps; i < my_steps; i += 2) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (h == 1 && i + 1 >= my_steps) break;
+            const uint4 v = a_s[(warp * p.smem_steps + (i + h - kRegSteps)) * kWarpSize + lane];
+            const uint32_t af[4] = {v.x, v.y, v.z, v.w};
+            const uint32_t b[2] = {b_row[2 * ((step0 + i + h) * 8)], b_row[2 * ((step0 + i + h) * 8 + 4)]};
+            v2_mma<T, kPrec>((kDual && h == 1) ? acc_odd : acc, af, b);
+          }
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[i] += acc_odd[i];
