@@ -10,8 +10,9 @@
 #   4. the grid-barrier microbenchmark on its own        -> OUTDIR/barrier.json
 #   5. `asr bench rnn`: issue 11's target configurations, v1 and v2 beside cuDNN
 #                                                        -> OUTDIR/bench_targets*.json
-#   6. `asr bench train` on the GPU: a training step of the Deep Speech network, persistent op vs
-#      cuDNN's RNN, fp32 and bf16 autocast               -> OUTDIR/bench_train_*.json
+#   6. `asr bench train` on the GPU: the training step of the recipe networks (clean100's, DS2's),
+#      persistent op vs cuDNN's RNN, bf16 and fp32, per-GPU batch sweep (4 and 16 first), then
+#      `asr bench scaling` from it                        -> OUTDIR/bench_train_sweep.json, scaling.json
 #   7. with CORPUS (a rendered `asr data synth` folder): the tiny recipe trained on the GPU in
 #      bf16-mixed for a few epochs, evaluated, report   -> OUTDIR/train/report.{json,md}
 #   8. `asr bench rnn` full sweep in the time left       -> OUTDIR/bench_rnn.json (+ .png)
@@ -36,6 +37,8 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 START=$SECONDS
 left() { echo $(( BUDGET_SECONDS - (SECONDS - START) )); }
+# a stage's timeout: its own limit, or what is left of the budget (less a margin for the summary)
+cap() { local want=$1 rest=$(( $(left) - 30 )); [ "$rest" -lt "$want" ] && want=$rest; [ "$want" -lt 10 ] && want=10; echo "$want"; }
 stage() { echo; echo "=== [$(( SECONDS - START )) s] $*"; }
 status_build=skipped status_tests=skipped status_v2=skipped status_barrier=skipped status_bench=skipped status_train=skipped
 
@@ -75,7 +78,7 @@ if [ "${status_build%%,*}" = passed ]; then
   tail -15 "$OUT/pytest.log"
 
   stage "kernel v2 (PRNN_VARIANT=v2): prnn_test's matrix and the cuda op tests"
-  if PRNN_VARIANT=v2 timeout 150 "$PY" -m pytest -p no:cacheprovider -q -rs -m "cuda" \
+  if PRNN_VARIANT=v2 timeout "$(cap 150)" "$PY" -m pytest -p no:cacheprovider -q -rs -m "cuda" \
       --junitxml="$OUT/pytest_v2.xml" tests/test_csrc.py::test_c_program_on_gpu tests/test_ops_cuda.py \
       >"$OUT/pytest_v2.log" 2>&1; then
     status_v2=passed
@@ -105,25 +108,23 @@ EOF
 
   stage "benchmark: target configurations"
   status_bench=passed
-  timeout 150 "$PY" -m asr.cli bench rnn --hidden 1152 --batch 4,64 --dtype bfloat16,float32 --directions 1 \
+  timeout "$(cap 120)" "$PY" -m asr.cli bench rnn --hidden 1152 --batch 4,64 --dtype bfloat16,float32 --directions 1 \
       --backends persistent,persistent_v2,cudnn --out "$OUT/bench_targets.json" --no-plot \
       >"$OUT/bench_targets.log" 2>&1 || status_bench=failed
   tail -4 "$OUT/bench_targets.log"
-  timeout 90 "$PY" -m asr.cli bench rnn --hidden 1024 --batch 8,16,64 --dtype float16 --directions 1 --modes fwd \
+  timeout "$(cap 60)" "$PY" -m asr.cli bench rnn --hidden 1024 --batch 8,16,64 --dtype float16 --directions 1 --modes fwd \
       --backends persistent,persistent_v2,cudnn --out "$OUT/bench_targets_fp16.json" --no-plot \
       >"$OUT/bench_targets_fp16.log" 2>&1 || status_bench=failed
   tail -4 "$OUT/bench_targets_fp16.log"
 
-  stage "benchmark: Deep Speech training step on the GPU (persistent op vs cuDNN RNN)"
-  for config in "4 1152 4" "16 1152 4" "4 320 4"; do
-    set -- $config
-    for precision in fp32 bf16; do
-      name="bench_train_b$1_h$2_$precision"
-      timeout 90 "$PY" -m asr.cli bench train --device cuda --precision $precision --batch $1 --hidden $2 \
-          --layers $3 --repeats 10 --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1 || status_bench=failed
-      tail -3 "$OUT/$name.log"
-    done
-  done
+  stage "benchmark: the training step on the GPU (recipe networks, persistent op vs cuDNN RNN) and the scaling model"
+  timeout "$(cap 150)" "$PY" -m asr.cli bench train --device cuda --networks clean100,ds2 --precision bf16,fp32 \
+      --seconds 5 --repeats 5 --budget-seconds "$(( $(cap 150) - 40 ))" --json "$OUT/bench_train_sweep.json" \
+      >"$OUT/bench_train_sweep.log" 2>&1 || status_bench=failed
+  tail -6 "$OUT/bench_train_sweep.log"
+  timeout 60 "$PY" -m asr.cli bench scaling --train-json "$OUT/bench_train_sweep.json" --out "$OUT/scaling.json" \
+      >"$OUT/scaling.log" 2>&1 || status_bench=failed
+  tail -20 "$OUT/scaling.log"
 
   if [ -n "$CORPUS" ]; then
     stage "training: recipes/synth/tiny.yaml on the GPU, bf16-mixed, corpus $CORPUS"

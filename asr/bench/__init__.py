@@ -1,4 +1,5 @@
-"""Benchmarks: `asr bench rnn` (the recurrent op alone) and `asr bench train` (a training step)."""
+"""Benchmarks: `asr bench rnn` (the recurrent op alone), `asr bench train` (a training step), `asr bench
+scaling` (strong scaling modelled from it) and `asr bench allreduce` (that model checked against gloo)."""
 
 from __future__ import annotations
 

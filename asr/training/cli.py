@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -77,6 +78,7 @@ class TrainCLI(LightningCLI):
                 check_range(f"trainer.{name}", value, low=1)
         if trainer_config.get("gradient_clip_val") is not None:
             check_range("trainer.gradient_clip_val", trainer_config["gradient_clip_val"], low=0.0)
+        check_launcher(trainer_config.get("num_nodes"), trainer_config.get("devices"))
         check_range("checkpoint_every_n_steps", self.config.get("checkpoint_every_n_steps"), low=1)
         check_range("checkpoint_every_minutes", self.config.get("checkpoint_every_minutes"), low=0.0, low_open=True)
         check_range("beam_size", self.config.get("beam_size"), low=1)
@@ -117,6 +119,39 @@ class TrainCLI(LightningCLI):
             plugins = list(plugins) + [AtomicCheckpointIO()]
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
+
+
+def launcher_topology(environ=None) -> tuple[str, int, int] | None:
+    """(launcher, nodes, processes per node) when torchrun or SLURM's srun started this process, read from
+    the environment Lightning reads (TorchElasticEnvironment, SLURMEnvironment); None otherwise (one process,
+    or Lightning's own launcher, which spawns the devices of one node itself)."""
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_NTASKS") and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):  # Lightning checks SLURM first
+        nodes = int(env.get("SLURM_NNODES") or 1)
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "")
+        return "SLURM", nodes, int(per_node) if per_node.isdigit() else int(env["SLURM_NTASKS"]) // nodes
+    if env.get("TORCHELASTIC_RUN_ID") and env.get("WORLD_SIZE") and env.get("LOCAL_WORLD_SIZE"):
+        per_node = int(env["LOCAL_WORLD_SIZE"])
+        return "torchrun", int(env["WORLD_SIZE"]) // per_node, per_node
+    return None
+
+
+def check_launcher(num_nodes, devices, environ=None) -> None:
+    """Under torchrun or srun the processes exist already, and Lightning needs trainer.num_nodes x
+    trainer.devices to be exactly them: say so in one line, with the options to pass, instead of its traceback."""
+    topology = launcher_topology(environ)
+    if topology is None:
+        return
+    launcher, nodes, per_node = topology
+    num_nodes = 1 if num_nodes is None else int(num_nodes)
+    try:
+        devices = int(devices)
+    except (TypeError, ValueError):
+        devices = None  # "auto", a list of GPUs: Lightning judges those
+    if num_nodes != nodes or (devices is not None and devices != per_node):
+        raise UserError(f"started by {launcher} as {nodes} node(s) x {per_node} process(es), but the trainer is set "
+                        f"for {num_nodes} x {devices if devices is not None else 'auto'}: pass --trainer.num_nodes "
+                        f"{nodes} --trainer.devices {per_node}")
 
 
 def _resume_path(ckpt_path: str | None, run_dir: Path, announce: bool = True) -> str | None:
