@@ -40,7 +40,7 @@ SENTENCEPIECE_WORD_START = "\u2581"  # "▁"
 # corpus's dev split (LM from the training transcripts) with the tiny recipe's character model
 # (greedy dev WER 50%): lm_weight 1-4 x word_score -3..1 gave 36.7% at (3, -1), within 1.5 points
 # of it for lm_weight 2-3 and word_score -3..0. Another model or corpus may want other values:
-# tune them on its dev split (`asr evaluate --tune-on dev`, asr.evaluate.tune_beam).
+# tune them on its dev split (`asr evaluate --tune-on dev`, asr.inference.tuning.tune_beam).
 DEFAULT_BEAM_SIZE = 50  # hypotheses kept per frame
 DEFAULT_BEAM_SIZE_TOKEN = 16  # tokens tried per frame (the most likely ones)
 DEFAULT_BEAM_THRESHOLD = 25.0  # drop hypotheses this far (natural log) below the best
@@ -59,6 +59,7 @@ class WordTiming:
 class Hypothesis:
     text: str  # words separated by single spaces
     words: list[WordTiming] = field(default_factory=list)
+    path: list[int] = field(default_factory=list)  # the token chosen at each frame (greedy: argmax; beam: the winner's)
 
 
 class Decoder(Protocol):
@@ -115,8 +116,8 @@ def _words_from_runs(tokenizer: Tokenizer, runs: list[tuple[int, int, int]]) -> 
     return words
 
 
-def _hypothesis(words: list[WordTiming]) -> Hypothesis:
-    return Hypothesis(" ".join(w.word for w in words), words)
+def _hypothesis(words: list[WordTiming], path: list[int]) -> Hypothesis:
+    return Hypothesis(" ".join(w.word for w in words), words, path)
 
 
 class GreedyDecoder:
@@ -130,8 +131,8 @@ class GreedyDecoder:
         best = log_probs.argmax(dim=-1)  # (N, T)
         hypotheses = []
         for n, length in enumerate(lengths_list):
-            runs = _token_runs(best[n, :length].tolist())
-            hypotheses.append(_hypothesis(_words_from_runs(self.tokenizer, runs)))
+            path = best[n, :length].tolist()
+            hypotheses.append(_hypothesis(_words_from_runs(self.tokenizer, _token_runs(path)), path))
         return hypotheses
 
 
@@ -286,8 +287,8 @@ class BeamLMDecoder:
         if len(timed) != len(words):
             # the path does not split into the decoder's words (not expected of a lexicon
             # decoder): keep the words and give no timings rather than wrong ones
-            return Hypothesis(" ".join(words), [])
-        return _hypothesis(timed)
+            return Hypothesis(" ".join(words), [], path)
+        return _hypothesis(timed, path)
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[Hypothesis]:
         log_probs, lengths_list = _as_cpu_batch(log_probs, lengths)

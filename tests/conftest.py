@@ -322,3 +322,92 @@ def _train_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
 def train_args():
     """train_args(corpus, run_dir, *extra) -> `asr train` arguments: the shrunk tiny recipe on corpus, into run_dir."""
     return _train_args
+
+
+# --- a small model that recognises, trained in the tests ----------------------------------------------
+
+LETTER_SECONDS = 0.09  # each letter is a tone this long, then a short gap; a space is a longer gap
+LETTER_GAP_SECONDS = 0.02
+SPACE_SECONDS = 0.12
+
+
+def _letter_wave(text: str, seed: int = 0) -> np.ndarray:
+    """`text` "spoken" as one tone per letter (a frequency of its own, 300 Hz to 6.6 kHz), a little noise."""
+    rng = np.random.default_rng(seed)
+    pieces = [np.zeros(int(0.1 * SAMPLE_RATE))]
+    for ch in text:
+        if ch == " ":
+            pieces.append(np.zeros(int(SPACE_SECONDS * SAMPLE_RATE)))
+            continue
+        freq = 300.0 * 1.13 ** (ord(ch) - ord("A"))
+        t = np.arange(int(LETTER_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
+        pieces += [0.3 * np.sin(2 * np.pi * freq * t) * np.hanning(t.size), np.zeros(int(LETTER_GAP_SECONDS * SAMPLE_RATE))]
+    pieces.append(np.zeros(int(0.1 * SAMPLE_RATE)))
+    wave = np.concatenate(pieces)
+    return wave + 0.003 * rng.standard_normal(wave.shape)
+
+
+def _write_letter_corpus(root: Path) -> Path:
+    """The tiny recipe's splits with letter-tone "speech" (_letter_wave) of the conftest sentences."""
+    splits = {"train": (96, 100), "dev": (6, 200), "test-clean": (6, 300), "test-unseen-voice": (3, 400)}
+    for split, (count, speaker) in splits.items():
+        chapter = Path(root) / "LibriSpeech" / split / str(speaker) / "1"
+        chapter.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(count):
+            utt_id, text = f"{speaker}-1-{i:04d}", _sentence(speaker + i)
+            sf.write(chapter / f"{utt_id}.flac", _letter_wave(text, seed=speaker + i), SAMPLE_RATE, format="FLAC",
+                     subtype="PCM_16")
+            lines.append(f"{utt_id} {text}\n")
+        (chapter / f"{speaker}-1.trans.txt").write_text("".join(lines), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def letter_wave():
+    """letter_wave(text, seed=0) -> float64 16 kHz wave that the trained_run models recognise as `text`."""
+    return _letter_wave
+
+
+# `asr train` overrides of the tests' trained models (on top of SHRINK): the bidirectional network, and the
+# streaming form (unidirectional + lookahead, features normalised with the training set's statistics)
+TRAINED_OVERRIDES = {
+    "bidirectional": ("--trainer.max_epochs", "10", "--model.lr", "0.005"),
+    "streaming": ("--trainer.max_epochs", "10", "--model.lr", "0.005", "--model.net.bidirectional", "false",
+                  "--model.net.lookahead", "2", "--model.feature_normalization", "global"),
+}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """trained_run(kind="bidirectional"|"streaming") -> run folder (last.ckpt, config.yaml): the shrunk tiny
+    recipe trained for about half a minute on letter-tone speech (_letter_wave), which it then mostly
+    recognises. Trained once per session and kind."""
+    from asr.training.cli import main
+
+    runs: dict[str, Path] = {}
+
+    def run(kind: str = "bidirectional") -> Path:
+        if kind not in runs:
+            base = tmp_path_factory.mktemp(f"trained-{kind}")
+            corpus = _write_letter_corpus(base / "corpus")
+            run_dir = base / "run"
+            assert main(_train_args(corpus, run_dir, "--evaluate", "false", *TRAINED_OVERRIDES[kind])) == 0
+            runs[kind] = run_dir
+        return runs[kind]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def letter_timing():
+    """letter_timing(text, index) -> (start, end) samples of text[index]'s tone in letter_wave(text)."""
+
+    def timing(text: str, index: int) -> tuple[int, int]:
+        position = int(0.1 * SAMPLE_RATE)
+        for ch in text[:index]:
+            position += int(SPACE_SECONDS * SAMPLE_RATE) if ch == " " else (
+                int(LETTER_SECONDS * SAMPLE_RATE) + int(LETTER_GAP_SECONDS * SAMPLE_RATE))
+        return position, position + int(LETTER_SECONDS * SAMPLE_RATE)
+
+    return timing

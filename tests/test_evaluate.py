@@ -6,9 +6,12 @@ import math
 import pytest
 
 from asr.data.manifest import Utterance, write_manifest
-from asr.decode import GreedyDecoder, lexicon_words
+from asr.decode import lexicon_words
 from asr.errors import UserError
-from asr.evaluate import BEAM_NAME, arpa_vocabulary, build_decoders, evaluate, format_markdown, score
+from asr.evaluate import evaluate, format_markdown, score
+from asr.inference import DecodingOptions, Recognizer
+from asr.inference.decoders import arpa_vocabulary, build_decoders
+from asr.inference.options import BEAM_NAME
 from asr.lm import build_arpa
 
 
@@ -43,7 +46,7 @@ def test_score_counts_edits_and_ranks_worst():
 def test_evaluate_scores_skips_missing_audio_and_times(corpus, scripted_model):
     utterances, scripts = corpus
     model = scripted_model(scripts)
-    result = evaluate(model, utterances, {"greedy": GreedyDecoder(model.tokenizer)}, max_batch_seconds=1.5)
+    result = evaluate(Recognizer(model, options=DecodingOptions(max_batch_seconds=1.5)), utterances)
     s = result.scores["greedy"]
     assert result.utterances == s.utterances == 4
     assert [i for i, _ in result.skipped] == ["gone"] and "no such file" in result.skipped[0][1]
@@ -64,9 +67,9 @@ def test_evaluate_bad_input(corpus, tmp_path, scripted_model):
     utterances, scripts = corpus
     model = scripted_model(scripts)
     with pytest.raises(UserError, match="no utterances"):
-        evaluate(model, [], {"greedy": GreedyDecoder(model.tokenizer)})
+        evaluate(Recognizer(model), [])
     with pytest.raises(UserError, match="all 1"):
-        evaluate(model, utterances[-1:], {"greedy": GreedyDecoder(model.tokenizer)})
+        evaluate(Recognizer(model), utterances[-1:])
 
 
 def test_beam_decoder_in_evaluation_uses_lm_vocabulary(corpus, tmp_path, scripted_model):
@@ -74,13 +77,13 @@ def test_beam_decoder_in_evaluation_uses_lm_vocabulary(corpus, tmp_path, scripte
     model = scripted_model(scripts)
     lm = build_arpa(["THE CAT SAT", "THE DOG RAN HOME", "A BIRD", "HELLO"], tmp_path / "lm.arpa")
     assert sorted(arpa_vocabulary(lm)) == ["A", "BIRD", "CAT", "DOG", "HELLO", "HOME", "RAN", "SAT", "THE"]
-    decoders = build_decoders(model.tokenizer, "both", lm)
+    decoders = build_decoders(model.tokenizer, DecodingOptions(decoder="both"), lm)
     assert set(decoders) == {"greedy", BEAM_NAME}
-    result = evaluate(model, utterances[:2], decoders)
+    result = evaluate(Recognizer(model, decoders), utterances[:2])
     assert result.scores[BEAM_NAME].wer == pytest.approx(1 / 7)  # the deletion in u2 stays
     assert "| greedy |" in format_markdown({"test": result})
     with pytest.raises(UserError, match="language model"):
-        build_decoders(model.tokenizer, "beam", None)
+        build_decoders(model.tokenizer, DecodingOptions(decoder="beam"), None)
 
 
 def test_command_writes_json_and_markdown(corpus, tmp_path, capsys, make_checkpoint):
@@ -150,14 +153,15 @@ def test_command_builds_lm_from_the_runs_training_splits(corpus, tmp_path, capsy
 
 
 def test_tune_beam_searches_the_grid(corpus, tmp_path, scripted_model):
-    from asr.evaluate import tune_beam
+    from asr.inference.tuning import tune_beam
 
     utterances, scripts = corpus
     model = scripted_model(scripts)
     texts = [u.text for u in utterances[:4]]
     lm = build_arpa(texts, tmp_path / "lm.arpa")
-    tuning = tune_beam(model, utterances, lm, lexicon_words(texts), lm_weights=(0.5, 2.0), word_scores=(-1.0, 0.0, 1.0), max_utterances=3)
-    assert tuning.utterances == 2  # the first 3 by id are gone, u0, u1; "gone" has no audio
+    tuning = tune_beam(Recognizer(model), utterances, lm, lexicon_words(texts), lm_weights=(0.5, 2.0),
+                       word_scores=(-1.0, 0.0, 1.0), max_utterances=3)
+    assert tuning.utterances == 2  # 3 of the 5 by id, evenly spread: gone, u0, u2; "gone" has no audio
     assert [(w, s) for w, s, _ in tuning.grid] == [(0.5, -1.0), (0.5, 0.0), (0.5, 1.0), (2.0, -1.0), (2.0, 0.0), (2.0, 1.0)]
     assert tuning.wer == min(wer for _, _, wer in tuning.grid)
     assert (tuning.lm_weight, tuning.word_score, tuning.wer) in tuning.grid
@@ -177,7 +181,7 @@ def test_command_tunes_on_a_dev_split(corpus, tmp_path, capsys, make_checkpoint)
     assert rc == 0, capsys.readouterr().err
     options = json.loads((tmp_path / "e" / "evaluation.json").read_text())["decoder_options"]
     tuning = options["tuning"]
-    assert len(tuning["grid"]) == 16 and tuning["utterances"] == 3
+    assert len(tuning["grid"]) == 20 and tuning["utterances"] == 3
     assert (options["lm_weight"], options["word_score"]) == (tuning["lm_weight"], tuning["word_score"])
 
 
@@ -222,7 +226,7 @@ def test_command_adds_lm_text_to_the_training_transcripts(corpus, tmp_path, caps
 
 
 def test_run_language_model_is_looked_for_beside_the_checkpoint_only(tmp_path):
-    from asr.evaluate import run_language_model
+    from asr.inference.decoders import run_language_model
 
     (tmp_path / "run").mkdir()
     build_arpa(["SOME WORDS"], tmp_path / "lm.arpa")  # a folder up: not this run's

@@ -194,7 +194,7 @@ def test_vocabulary_mismatch_is_refused(corpus, tmp_path, train_args):
 
 
 def test_dev_subset_for_beam_tuning_is_even_and_deterministic():
-    from asr.training.finish import spread_subset
+    from asr.inference.tuning import spread_subset
 
     items = list(range(10))
     assert spread_subset(items, None) == items

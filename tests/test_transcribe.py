@@ -7,9 +7,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr.decode import GreedyDecoder
 from asr.errors import AudioError
-from asr.transcribe import Transcript, chunk_bounds, transcribe_files, transcribe_wave
+from asr.inference import DecodingOptions, Recognizer, Transcript
+from asr.inference.recognizer import chunk_bounds
 
 SAMPLE_RATE = 16000
 
@@ -48,7 +48,8 @@ def chunk_model(scripted_model):
 def test_long_audio_is_recognised_in_chunks_with_file_times(chunk_model):
     model = chunk_model
     wave = torch.zeros(int(7.5 * SAMPLE_RATE))
-    text, words = transcribe_wave(model, GreedyDecoder(model.tokenizer), wave, chunk_seconds=3.0)
+    result = Recognizer(model, options=DecodingOptions(chunk_seconds=3.0)).transcribe(wave)
+    text, words = result.text, result.words
     # silence everywhere: cuts at the 80% point of the search window or later; every chunk says CAT
     bounds = chunk_bounds(wave, SAMPLE_RATE, 3.0)
     assert text == " ".join(["CAT"] * len(bounds))
@@ -63,7 +64,7 @@ def test_bad_files_are_reported_and_others_transcribed(tmp_path, scripted_model,
     (tmp_path / "junk.wav").write_bytes(b"RIFF not really a wav file")
     model = scripted_model({frames_of: "HELLO WORLD"})
     paths = [str(tmp_path / "junk.wav"), str(tmp_path / "good.wav"), str(tmp_path / "absent.flac")]
-    results = list(transcribe_files(model, GreedyDecoder(model.tokenizer), paths))
+    results = list(Recognizer(model).transcribe_files(paths))
     assert isinstance(results[0], AudioError) and isinstance(results[2], AudioError)
     assert isinstance(results[1], Transcript) and results[1].text == "HELLO WORLD"
     assert [w.word for w in results[1].words] == ["HELLO", "WORLD"]
@@ -83,7 +84,7 @@ def test_command_text_json_and_exit_status(tmp_path, capsys, make_checkpoint, wr
     out = json.loads(capsys.readouterr().out)
     assert [item["path"] for item in out] == [str(tmp_path / "a.wav"), str(tmp_path / "b.flac")]
     for item in out:
-        assert set(item) == {"path", "text", "duration", "words"}
+        assert set(item) == {"path", "text", "duration", "confidence", "words"}
         assert item["text"] == " ".join(w["word"] for w in item["words"])
         assert all(0 <= w["start"] <= w["end"] <= item["duration"] + 1e-6 for w in item["words"])
 

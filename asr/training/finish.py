@@ -16,8 +16,6 @@ from asr.training.run_folder import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOIN
 from asr.training.timing import OpTiming
 
 LM_ORDER = 3
-BEAM_LM_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0)  # tried on the dev split after training
-BEAM_WORD_SCORES = (-3.0, -2.0, -1.0, 0.0)
 REPORTED_SCORES = ("wer", "cer", "substitutions", "deletions", "insertions", "reference_words", "rtf")
 
 
@@ -92,44 +90,33 @@ def language_model_texts(datamodule: ASRDataModule) -> tuple[list[str], str]:
     return [u.text for u in datamodule.train_utterances], "training transcripts"
 
 
-def spread_subset(items: list, limit: int | None) -> list:
-    """At most `limit` of `items`, evenly spaced (deterministic); all of them when limit is None."""
-    if limit is None or len(items) <= limit:
-        return list(items)
-    if limit < 1:
-        raise UserError(f"--tune_utterances {limit}: must be at least 1")
-    return [items[i * len(items) // limit] for i in range(limit)]
-
-
-def tune_beam_on_dev(model, datamodule: ASRDataModule, lm_path, lexicon: list[str], beam_size: int,
-                     report: dict, max_utterances: int | None = None) -> tuple[float, float]:
+def tune_beam_on_dev(recognizer, datamodule: ASRDataModule, lm_path, lexicon: list[str], report: dict,
+                     max_utterances: int | None = None) -> tuple[float, float]:
     """The LM weight and word score with the lowest beam+LM WER on the dev split (never a test split),
-    or on `max_utterances` of it spread evenly (the tuning decodes dev once per candidate).
-    The acoustic model runs once; every candidate decodes the same log-probabilities."""
-    from asr.decode import BeamLMDecoder
-    from asr.evaluate import evaluate
+    or on `max_utterances` of it spread evenly: asr.inference.tuning.tune_beam, the tuner `asr evaluate
+    --tune-on` uses too."""
+    from asr.inference.tuning import tune_beam
 
     dev = datamodule.test_utterances(datamodule.dev_split)
-    dev = spread_subset(sorted(dev, key=lambda u: u.id), max_utterances)
-    candidates = {f"{w}/{s}": (w, s) for w in BEAM_LM_WEIGHTS for s in BEAM_WORD_SCORES}
-    decoders = {name: BeamLMDecoder(model.tokenizer, lm_path, lexicon, beam_size=beam_size, lm_weight=w, word_score=s)
-                for name, (w, s) in candidates.items()}
-    result = evaluate(model, dev, decoders, max_batch_seconds=datamodule.max_batch_seconds)
-    wers = {name: scores.wer for name, scores in result.scores.items()}
-    best = min(wers, key=lambda name: (wers[name], name))
-    report["decoding"] = {"beam_size": beam_size, "lm_order": LM_ORDER, "lm_weight": candidates[best][0],
-                          "word_score": candidates[best][1], "tuned_on": datamodule.dev_split,
-                          "tuned_on_utterances": len(dev),
-                          "dev_wer": wers[best], "dev_wer_by_weight/score": wers}
-    return candidates[best]
+    tuning = tune_beam(recognizer, dev, lm_path, lexicon, max_utterances=max_utterances)
+    report["decoding"] = {"beam_size": recognizer.options.beam_size, "lm_order": LM_ORDER,
+                          "lm_weight": tuning.lm_weight, "word_score": tuning.word_score,
+                          "tuned_on": datamodule.dev_split, "tuned_on_utterances": tuning.utterances,
+                          "dev_wer": tuning.wer,
+                          "dev_wer_by_weight/score": {f"{w}/{s}": wer for w, s, wer in tuning.grid}}
+    return tuning.lm_weight, tuning.word_score
 
 
 def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size: int,
                device: torch.device = torch.device("cpu"), trained: SpeechRecognizer | None = None,
                tune_utterances: int | None = None) -> dict:
     """Build the word LM from the training transcripts, evaluate the best checkpoint on every test
-    split with greedy and beam+LM decoding, and write report.json + report.md."""
-    from asr.evaluate import build_decoders, evaluate
+    split with greedy and beam+LM decoding, and write report.json + report.md. Decoding goes through
+    asr.inference (DecodingOptions, Recognizer), as `asr evaluate` does."""
+    from asr.decode import GreedyDecoder
+    from asr.evaluate import evaluate
+    from asr.inference import DecodingOptions, Recognizer
+    from asr.inference.decoders import build_decoders
     from asr.lm import build_arpa
     from asr.model.inference import load_for_inference
     from asr.report import write_report
@@ -150,14 +137,16 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
     lexicon = sorted({w for t in texts for w in t.split()})
     report["language_model"] = {"source": lm_source, "sentences": len(texts), "words": len(lexicon),
                                 "order": LM_ORDER}
-    lm_weight, word_score = tune_beam_on_dev(model, datamodule, lm_path, lexicon, beam_size, report,
-                                             tune_utterances)
-    decoders = build_decoders(model.tokenizer, "both", lm_path=lm_path, lexicon=lexicon, beam_size=beam_size,
-                              lm_weight=lm_weight, word_score=word_score)
+    options = DecodingOptions(decoder="both", beam_size=beam_size, lm=str(lm_path), device=str(model.device),
+                              max_batch_seconds=datamodule.max_batch_seconds)
+    acoustic = Recognizer(model, {"greedy": GreedyDecoder(model.tokenizer)}, options)
+    lm_weight, word_score = tune_beam_on_dev(acoustic, datamodule, lm_path, lexicon, report, tune_utterances)
+    options = options.with_(lm_weight=lm_weight, word_score=word_score)
+    recognizer = Recognizer(model, build_decoders(model.tokenizer, options, lm_path, lexicon), options)
     report["eval"] = {}
     for split in datamodule.test_splits:
         utterances = datamodule.test_utterances(split)
-        result = evaluate(model, utterances, decoders, max_batch_seconds=datamodule.max_batch_seconds)
+        result = evaluate(recognizer, utterances)
         per_decoder = result.to_dict().get("decoders", {})
         report["eval"][split] = {name: {key: scores.get(key) for key in REPORTED_SCORES} | {"utterances": result.utterances}
                                  for name, scores in per_decoder.items()}

@@ -32,6 +32,7 @@ class SpeechRecognizer(L.LightningModule):
         schedule: str = "cosine",
         final_lr_ratio: float = 0.05,
         max_nonfinite_in_a_row: int = 10,
+        feature_normalization: str = "utterance",
     ):
         """
         Args:
@@ -42,6 +43,8 @@ class SpeechRecognizer(L.LightningModule):
             schedule: decay after warmup down to lr * final_lr_ratio at the last step: cosine, linear, constant.
             max_nonfinite_in_a_row: stop training after this many consecutive batches with a non-finite
                 loss or gradient (each is skipped and counted).
+            feature_normalization: "utterance" (each utterance's own mean and std), or "global" (the
+                training set's, computed at setup and saved in the checkpoint): what streaming needs.
         """
         super().__init__()
         # The network's config is saved by the checkpoint's own entry (checkpoint_payload), as plain data.
@@ -56,6 +59,10 @@ class SpeechRecognizer(L.LightningModule):
         check_range("model.warmup_steps", warmup_steps, low=0)
         check_range("model.final_lr_ratio", final_lr_ratio, low=0.0, high=1.0)
         check_range("model.max_nonfinite_in_a_row", max_nonfinite_in_a_row, low=1)
+        from asr.data.features import NORMALIZATIONS
+
+        if feature_normalization not in NORMALIZATIONS:
+            raise UserError(f"model.feature_normalization {feature_normalization!r}: expected one of {NORMALIZATIONS}")
         self.config = net
         self.net = DeepSpeech(self.config)
         self.tokenizer = None  # from the data module in setup()
@@ -73,6 +80,14 @@ class SpeechRecognizer(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:
+            if self.hparams.feature_normalization == "global" and dm.feature_config.normalization != "global":
+                # before any loader exists, so that every split is normalised with these statistics
+                from dataclasses import replace
+
+                from asr.data.features import global_statistics
+
+                mean, std = global_statistics([u.path for u in dm.train_utterances], dm.feature_config)
+                dm.feature_config = replace(dm.feature_config, normalization="global", mean=mean, std=std)
             self.tokenizer = dm.tokenizer
             self.feature_config = dm.feature_config
             self.data_config = {"root": str(dm.root), "train_splits": list(dm.train_splits)}
