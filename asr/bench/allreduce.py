@@ -5,7 +5,8 @@
 
 For each process count G (torch.distributed, gloo, on 127.0.0.1; one torch thread per process):
  1. calibration: all-reduce of float32 tensors of a few sizes (--calibration-bytes, none of them a
-    bucket size), median of --repeats timed calls each, every call started together after a barrier;
+    bucket size), median of --repeats timed calls each (sizes interleaved round by round), every call
+    started together after a barrier;
     alpha (seconds per ring step) and bandwidth come from a least-squares line through those times, read
     through the ring model t = 2 (G-1)/G * bytes / bandwidth + 2 (G-1) * alpha;
  2. the network's gradient buckets (DDP's bucketing, as `asr bench scaling` models it): each bucket's
@@ -43,24 +44,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _time_allreduce(nbytes: int, repeats: int) -> float:
-    """Median seconds of one all-reduce of `nbytes` of float32 (collective: every rank calls it)."""
+def _time_allreduces(sizes: list[int], repeats: int) -> list[float]:
+    """Median seconds of one all-reduce of each size in `sizes` (float32; collective: every rank calls
+    it). The sizes are interleaved, round after round, so that the calibration messages and the
+    buckets are timed under the same conditions of the machine rather than minutes apart."""
     import torch
     import torch.distributed as dist
 
-    tensor = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
-    times = []
+    tensors = [torch.ones(max(1, n // 4), dtype=torch.float32) for n in sizes]
+    times = [[] for _ in sizes]
     for i in range(WARMUP_CALLS + repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        dist.all_reduce(tensor)
-        elapsed = time.perf_counter() - start
-        if i >= WARMUP_CALLS:
-            times.append(elapsed)
+        for k, tensor in enumerate(tensors):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            elapsed = time.perf_counter() - start
+            if i >= WARMUP_CALLS:
+                times[k].append(elapsed)
     # every rank's call ends when the slowest rank's does: the collective's time is the max over ranks
     slowest = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return statistics.median(slowest.tolist())
+    return [statistics.median(row) for row in slowest.tolist()]
 
 
 def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, out: str) -> None:
@@ -70,7 +74,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, ou
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        seconds = [_time_allreduce(n, repeats) for n in sizes]
+        seconds = _time_allreduces(sizes, repeats)
         if rank == 0:
             Path(out).write_text(json.dumps(seconds), encoding="utf-8")
     finally:
