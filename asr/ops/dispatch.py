@@ -207,7 +207,7 @@ def _first_use_check(device_index: int | None, shape: tuple, activation: str, dt
         return None
     T, N, D, H = shape
     device = torch.device("cuda", device_index if device_index is not None else torch.cuda.current_device())
-    key = (device.index, dtype, H, D, activation, selfcheck.variant(), T, N)
+    key = (device.index, dtype, H, D, activation, selfcheck.variant())  # once per kind, not per batch shape
     fallback = _fallback_backend(activation)
 
     def persistent(u, w):

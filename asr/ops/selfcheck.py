@@ -8,8 +8,10 @@ The first time a (device, dtype, H, D, activation, kernel variant) is met in a p
    N <= 8, the same H, D, dtype and activation) and is compared with the float64 reference on the
    same inputs; an error above the dtype's bound (TOLERANCE) means the kernel is wrong on this
    device: one warning with the numbers, and the fallback backend;
-2. speed: where the fallback is cuDNN, both run the caller's real shape (forward, after one warm-up,
-   median of TIMED_RUNS); if cuDNN is faster by more than SLOWER_MARGIN the fallback is used.
+2. speed: where the fallback is cuDNN, both run the shape of the first call of that kind (forward,
+   after one warm-up, median of TIMED_RUNS); if cuDNN is faster by more than SLOWER_MARGIN the
+   fallback is used. Later calls of the kind, whatever their T and N, reuse the verdict (a training
+   run meets a new T in nearly every batch).
 
 The decision and its figures are logged once (INFO for the persistent op, WARNING for a fallback)
 and cached for the process. ASR_AUTO_CHECK=0 skips the check (the support query alone decides, as
