@@ -203,6 +203,27 @@ prnnStatus_t current_device(int* device) {
   return err == cudaSuccess ? PRNN_STATUS_SUCCESS : cuda_fail(err, "cudaGetDevice");
 }
 
+// The kernel as built against its plan: its registers and thread limit (and, with no_local, no
+// local memory), the dynamic shared-memory opt-in, and how many of its blocks fit on one SM
+// (*resident, the runtime's occupancy answer). NOT_SUPPORTED with the numbers when it does not fit.
+prnnStatus_t confirm_kernel(const void* fn, int regs, int threads, int smem_bytes, bool no_local, const char* label,
+                            int* resident, char* reason, size_t reason_len) {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, fn);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncGetAttributes");
+  if (attr.numRegs > regs || attr.maxThreadsPerBlock < threads || (no_local && attr.localSizeBytes > 0)) {
+    snprintf(reason, reason_len,
+             "%skernel uses %d registers/thread (planned %d), %zu bytes of local memory, allows %d threads (planned %d)",
+             label, attr.numRegs, regs, static_cast<size_t>(attr.localSizeBytes), attr.maxThreadsPerBlock, threads);
+    return PRNN_STATUS_NOT_SUPPORTED;
+  }
+  err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(resident, fn, threads, smem_bytes);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return PRNN_STATUS_SUCCESS;
+}
+
 // Plans problem p for one pass on `device` and confirms co-residency with the runtime's own
 // occupancy calculation. NOT_SUPPORTED (with the reason in `reason`) when it cannot run.
 prnnStatus_t plan_pass(const prnnProblem_t* p, int device, bool backward, Plan* plan, const void** kernel,
@@ -230,21 +251,11 @@ prnnStatus_t plan_pass(const prnnProblem_t* p, int device, bool backward, Plan* 
   }
   const void* fn = backward ? backward_kernel(p->dtype, plan->row_group) : forward_kernel(p->dtype, plan->row_group);
   if (fn == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "no kernel for row group %d", plan->row_group);
-  cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, fn);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncGetAttributes");
-  if (attr.numRegs > plan->regs_per_thread || attr.maxThreadsPerBlock < plan->threads) {
-    snprintf(reason, reason_len, "kernel uses %d registers/thread (planned %d) and allows %d threads (planned %d)",
-             attr.numRegs, plan->regs_per_thread, attr.maxThreadsPerBlock, plan->threads);
-    return PRNN_STATUS_NOT_SUPPORTED;
-  }
-  err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, plan->smem_bytes);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   // The runtime's own occupancy answer for the kernel as built: a grid that cannot be resident all
   // at once is refused here, before any launch (the cooperative launch would refuse it too).
   int resident = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, plan->threads, plan->smem_bytes);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  st = confirm_kernel(fn, plan->regs_per_thread, plan->threads, plan->smem_bytes, false, "", &resident, reason, reason_len);
+  if (st != PRNN_STATUS_SUCCESS) return st;
   if (!check_co_residency(*plan, resident, info.limits.sm_count, reason, reason_len))
     return PRNN_STATUS_NOT_SUPPORTED;
   *kernel = fn;
@@ -304,22 +315,11 @@ prnnStatus_t plan_pass_v2(const prnnProblem_t* p, int device, bool backward, Pla
   const void* fn = backward ? backward_kernel_v2(p->dtype, precision, plan->reg_steps)
                             : forward_kernel_v2(p->dtype, precision, plan->reg_steps);
   if (fn == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "v2: no kernel for %d register steps", plan->reg_steps);
-  cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, fn);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncGetAttributes");
-  if (attr.numRegs > plan->regs_per_thread || attr.maxThreadsPerBlock < plan->threads || attr.localSizeBytes > 0) {
-    snprintf(reason, reason_len,
-             "v2 %s: kernel uses %d registers/thread (planned %d), %zu bytes of local memory, allows %d threads "
-             "(planned %d)",
-             pass, attr.numRegs, plan->regs_per_thread, static_cast<size_t>(attr.localSizeBytes),
-             attr.maxThreadsPerBlock, plan->threads);
-    return PRNN_STATUS_NOT_SUPPORTED;
-  }
-  err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, plan->smem_bytes);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  char label[32];
+  snprintf(label, sizeof(label), "v2 %s: ", pass);
   int resident = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, plan->threads, plan->smem_bytes);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  st = confirm_kernel(fn, plan->regs_per_thread, plan->threads, plan->smem_bytes, true, label, &resident, reason, reason_len);
+  if (st != PRNN_STATUS_SUCCESS) return st;
   if (resident < 1 || static_cast<long long>(resident) * info.limits.sm_count < plan->blocks) {
     snprintf(reason, reason_len, "v2 %s: %d blocks of %d threads with %d B shared memory cannot all be resident (%d per SM x %d SMs)",
              pass, plan->blocks, plan->threads, plan->smem_bytes, resident, info.limits.sm_count);

@@ -71,7 +71,8 @@ def test_sweep_rows_come_in_the_order_asked_with_a_consistent_time_split(tmp_pat
             assert r["error"] is None
             assert 0 < r["recurrent_seconds"] < r["forward_seconds"] + r["backward_seconds"] <= r["step_seconds"]
             assert r["rest_seconds"] == pytest.approx(r["step_seconds"] - r["recurrent_seconds"] - r["optimizer_seconds"])
-            assert r["optimizer_seconds"] > 0 and r["rest_seconds"] > 0
+            # the optimizer is part of the non-recurrent time, and the rest of the network is what is left
+            assert 0 < r["optimizer_seconds"] < r["step_seconds"] - r["recurrent_seconds"]
             assert r["step_seconds"] in r["step_seconds_all"] and len(r["step_seconds_all"]) == 2
             assert r["utterances_per_second"] == pytest.approx(row["batch"] / r["step_seconds"])
             assert r["step_tflops"] == pytest.approx(flop["step"] / r["step_seconds"] / 1e12)
