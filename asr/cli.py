@@ -32,10 +32,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "train"): ("asr.bench.train", "training-step speed sweep: our network vs the same network on torch.nn.RNN"),
     ("bench", "scaling"): ("asr.bench.scaling", "strong scaling over 1..128 GPUs, modelled from an `asr bench train` JSON"),
     ("bench", "allreduce"): ("asr.bench.allreduce", "the scaling model's all-reduce cost checked against gloo here"),
+    ("bench", "onnx"): ("asr.bench.onnx", "real-time factor of onnxruntime against PyTorch on one checkpoint, CPU"),
     ("lm", "build"): ("asr.lm", "build a word n-gram ARPA language model (interpolated modified Kneser-Ney)"),
     ("train",): ("asr.training.cli", "train a model from a LightningCLI recipe"),
     ("evaluate",): ("asr.evaluate", "WER/CER of a checkpoint on splits or manifests"),
     ("transcribe",): ("asr.transcribe", "transcribe audio files with a checkpoint"),
+    ("export",): ("asr.export.cli", "export a checkpoint's network as an ONNX graph (with its settings beside it)"),
     ("report",): ("asr.report", "print training speed and WER of runs side by side"),
 }
 

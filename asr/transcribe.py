@@ -13,12 +13,13 @@ import argparse
 import json
 import sys
 
-from asr.errors import AudioError, printable
+from asr.errors import AudioError, UserError, printable
 from asr.inference.options import add_decoding_arguments, decoding_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="model checkpoint (.ckpt)")
+    parser.add_argument("checkpoint", help="model checkpoint (.ckpt), or a model.onnx written by `asr export` "
+                                           "(run by onnxruntime)")
     parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV, FLAC, OGG, MP3); with --stream "
                                                                  "one file, or - for raw 16 kHz s16le PCM on stdin")
     parser.add_argument("--json", action="store_true", help="print JSON with per-word start/end seconds and confidence")
@@ -36,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     options = decoding_options(args)
     if args.stream:
         from asr.inference.streaming import run_stream
+
+        if str(args.checkpoint).endswith(".onnx"):
+            raise UserError(f"{args.checkpoint}: --stream needs the checkpoint (the exported graph has no "
+                            "state in/out); give the .ckpt")
 
         return run_stream(args, options)
     recognizer = Recognizer.load(args.checkpoint, options=options)

@@ -32,5 +32,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 echo "bootstrap: installing the package and its dependencies into .venv (torch is large: a few minutes on a fresh machine)"
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -e '.[dev,onnx]'
 echo "bootstrap: done"

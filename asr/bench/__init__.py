@@ -1,5 +1,5 @@
 """Benchmarks: `asr bench rnn` (the recurrent op alone), `asr bench train` (a training step), `asr bench
-scaling` (strong scaling modelled from it) and `asr bench allreduce` (that model checked against gloo)."""
+scaling` (strong scaling modelled from it) and `asr bench allreduce` (that model checked against gloo), `asr bench onnx` (onnxruntime vs PyTorch RTF)."""
 
 from __future__ import annotations
 

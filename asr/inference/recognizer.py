@@ -151,7 +151,7 @@ class Recognizer:
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, decoder: str | None = None, options: DecodingOptions | None = None,
              **option_values) -> "Recognizer":
-        """A recognizer for a checkpoint. `decoder` ("greedy" or "beam") and the other DecodingOptions fields
+        """A recognizer for a checkpoint, or for an exported model.onnx (with its model.json). `decoder` ("greedy" or "beam") and the other DecodingOptions fields
         (lm, beam_size, lm_weight, word_score, device, max_batch_seconds, chunk_seconds) may be given by
         name, over `options`. The beam decoder's LM: options.lm, else the run folder's lm.arpa, else one
         built from the training splits the checkpoint records."""
@@ -161,7 +161,15 @@ class Recognizer:
         if decoder is not None:
             option_values["decoder"] = decoder
         options = (options or DecodingOptions()).with_(**option_values)
-        model = load_for_inference(checkpoint, map_location=options.device)
+        if str(checkpoint).endswith(".onnx"):  # an `asr export` graph, run by onnxruntime on the CPU
+            from asr.inference.onnx_model import load_onnx
+
+            if options.device != "cpu":
+                raise UserError(f"--device {options.device}: an .onnx model runs on the CPU here (onnxruntime's CPU "
+                                "provider); use --device cpu or the checkpoint")
+            model = load_onnx(checkpoint)
+        else:
+            model = load_for_inference(checkpoint, map_location=options.device)
         recognizer = cls(model, decoders_for_checkpoint(model, options, checkpoint), options)
         recognizer.checkpoint = Path(checkpoint)
         return recognizer
