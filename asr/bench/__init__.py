@@ -1,5 +1,6 @@
 """Benchmarks: `asr bench rnn` (the recurrent op alone), `asr bench train` (a training step), `asr bench
-scaling` (strong scaling modelled from it) and `asr bench allreduce` (that model checked against gloo), `asr bench onnx` (onnxruntime vs PyTorch RTF)."""
+scaling` (strong scaling modelled from it), `asr bench allreduce` (that model checked against gloo) and
+`asr bench onnx` (onnxruntime against PyTorch, real-time factor)."""
 
 from __future__ import annotations
 
