@@ -6,7 +6,9 @@ into a run folder; `asr report RUN...` prints several runs as one table, a colum
 The report dict (written by training):
     {"run", "created", "device", "backend", "parameters", "config",
      "train": {"wall_seconds", "epochs", "steps", "audio_hours", "audio_hours_per_wall_hour",
-               "utterances_per_second", "rnn_op_seconds", "rnn_op_tflops", "nonfinite_batches_skipped"},
+               "utterances_per_second", "rnn_op_seconds", "rnn_op_tflops", "nonfinite_batches_skipped",
+               "budget": {"minutes", "planned_steps", "seconds_per_step", "plans"} or None},
+     "evaluation_seconds",
      "eval": {split: {decoder: {"wer", "cer", "substitutions", "deletions", "insertions",
                                 "reference_words", "utterances", "rtf"}}}}
 Any key may be missing or malformed: it shows as "—", never as an error.
@@ -67,12 +69,22 @@ def _int(x) -> str:
     return MISSING if value is None else f"{int(value):,}"
 
 
+def _budget(budget) -> str:
+    """`12.0 min -> 1,234 steps at 0.512 s/step`, or "—" for a run without a budget."""
+    if not isinstance(budget, dict):
+        return MISSING
+    return (f"{_fmt(budget.get('minutes'), '.1f')} min -> {_int(budget.get('planned_steps'))} steps at "
+            f"{_fmt(budget.get('seconds_per_step'), '.3f')} s/step")
+
+
 # rows of the speed section: (label, formatter of the report)
 SPEED_ROWS = [
     ("device", lambda r: _text(_get(r, "device"))),
     ("op backend", lambda r: _text(_get(r, "backend"))),
     ("parameters", lambda r: _int(_get(r, "parameters"))),
     ("training wall time", lambda r: _duration(_get(r, "train", "wall_seconds"))),
+    ("time budget", lambda r: _budget(_get(r, "train", "budget"))),
+    ("evaluation wall time", lambda r: _duration(_get(r, "evaluation_seconds"))),
     ("epochs / steps", lambda r: f"{_int(_get(r, 'train', 'epochs'))} / {_int(_get(r, 'train', 'steps'))}"),
     ("audio hours processed", lambda r: _fmt(_get(r, "train", "audio_hours"), ".2f")),
     ("audio hours per wall hour", lambda r: _fmt(_get(r, "train", "audio_hours_per_wall_hour"), ".1f")),

@@ -7,8 +7,17 @@ CORPUS=${CORPUS:-data/synth}
 HOURS=${DEMO_HOURS:-9}
 SEED=${DEMO_SEED:-0}
 RECIPE=${RECIPE:-recipes/synth/tiny.yaml}
+# The whole demo's wall-time budget. Training gets what rendering and the op build leave, less the
+# reserves below; it measures its step time and plans its steps to fit (asr train --budget_minutes).
+MINUTES=${DEMO_MINUTES:-20}
+SETUP_RESERVE_SECONDS=${DEMO_SETUP_RESERVE_SECONDS:-60}   # asr train's start: indexing, tokenizer, loaders
+EVAL_RESERVE_SECONDS=${DEMO_EVAL_RESERVE_SECONDS:-270}    # LM, beam tuning on 200 dev utterances, test splits
+MIN_TRAIN_SECONDS=180
 
 start=$(date +%s)
+echo "== make demo: about $MINUTES minutes in all on any machine (DEMO_MINUTES): rendering the corpus, then"
+echo "   training for what is left less $(( (SETUP_RESERVE_SECONDS + EVAL_RESERVE_SECONDS) / 60 )) min kept for setup and evaluation;"
+echo "   training measures its step time and sets its steps (and learning-rate schedule) to fit"
 echo "== corpus: $HOURS h of espeak-ng and flite speech in $CORPUS (LibriSpeech layout), read back"
 "${ASR[@]}" data synth --out "$CORPUS" --hours "$HOURS" --seed "$SEED"
 
@@ -24,8 +33,14 @@ PY
 )
 echo "== building the recurrent op (once; cached under build/ops)"
 "${ASR[@]}" ops build
-echo "== training $RECIPE into $run_dir (ends with evaluation and the report)"
-# --ckpt_path last: a demo that was interrupted resumes, and one that finished is evaluated again
-# (a new run into a folder that holds one is refused).
-"${ASR[@]}" train --config "$RECIPE" --data.root "$CORPUS" --ckpt_path last
+train_seconds=$(( MINUTES * 60 - ($(date +%s) - start) - SETUP_RESERVE_SECONDS - EVAL_RESERVE_SECONDS ))
+if [ "$train_seconds" -lt "$MIN_TRAIN_SECONDS" ]; then
+  echo "== warning: only $train_seconds s left for training in $MINUTES minutes; training $MIN_TRAIN_SECONDS s (the demo will overrun)"
+  train_seconds=$MIN_TRAIN_SECONDS
+fi
+budget=$(awk -v s="$train_seconds" 'BEGIN { printf "%.2f", s / 60 }')
+echo "== training $RECIPE into $run_dir for $budget min ($(( $(date +%s) - start )) s used so far; ends with evaluation and the report)"
+# --ckpt_path last: a demo that was interrupted resumes (the budget counts the training already done),
+# and one that finished is evaluated again (a new run into a folder that holds one is refused).
+"${ASR[@]}" train --config "$RECIPE" --data.root "$CORPUS" --ckpt_path last --budget_minutes "$budget"
 echo "== make demo finished in $(( $(date +%s) - start )) s; report: $run_dir/report.md"

@@ -76,6 +76,7 @@ class TrainingControl(Callback):
         self._handlers: dict[int, Any] = {}
         self._last_save = time.monotonic()
         self._step_seen = 0
+        self._saved_at_step = -1  # global step of this callback's last write
         self._trainer = None
 
     def _on_signal(self, signum, frame) -> None:
@@ -110,6 +111,10 @@ class TrainingControl(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handlers()
+        # The final weights: ModelCheckpoint writes last.ckpt only when best.ckpt improves, so without this
+        # a finished run's last.ckpt could be the one of the last periodic save, steps behind.
+        if trainer.global_step != self._saved_at_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_handlers()
@@ -129,5 +134,6 @@ class TrainingControl(Callback):
         if by_steps or by_time or signum:
             trainer.save_checkpoint(self.path, weights_only=False)  # the whole state: resumable
             self._last_save = time.monotonic()
+            self._saved_at_step = step
         if signum:
             raise TrainingStopped(signum, step, self.path)

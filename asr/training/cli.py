@@ -23,6 +23,7 @@ from asr.training.checkpoints import (
     TrainingControl,
     TrainingStopped,
 )
+from asr.training.budget import TimeBudget
 from asr.training.finish import finish_run, training_report
 from asr.training.module import SpeechRecognizer
 from asr.training.resume import CSV_FLUSH_EVERY_N_STEPS, ResumableCSVLogger, TrainingDataModule
@@ -47,6 +48,10 @@ class TrainCLI(LightningCLI):
                             help="write last.ckpt every this many optimizer steps (and after every epoch)")
         parser.add_argument("--checkpoint_every_minutes", type=float, default=DEFAULT_CHECKPOINT_MINUTES,
                             help="write last.ckpt at least this often (minutes of training), whatever the step count")
+        parser.add_argument("--budget_minutes", type=float | None, default=None,
+                            help="train for about this many minutes of wall time: the step time is measured "
+                                 "and the steps (and the LR schedule) planned to fit, trainer.max_epochs/max_steps "
+                                 "being the cap (asr.training.budget)")
         parser.add_argument("--time_op", type=bool, default=True,
                             help="time the recurrent op during training (its seconds and TFLOP/s go in the report)")
         parser.add_argument("--evaluate", type=bool, default=True,
@@ -82,6 +87,8 @@ class TrainCLI(LightningCLI):
         check_range("checkpoint_every_n_steps", self.config.get("checkpoint_every_n_steps"), low=1)
         check_range("checkpoint_every_minutes", self.config.get("checkpoint_every_minutes"), low=0.0, low_open=True)
         check_range("beam_size", self.config.get("beam_size"), low=1)
+        if self.config.get("budget_minutes") is not None:
+            check_range("budget_minutes", self.config.get("budget_minutes"), low=0.0, low_open=True)
         if self.config.get("tune_utterances") is not None:
             check_range("tune_utterances", self.config.get("tune_utterances"), low=1)
 
@@ -103,6 +110,8 @@ class TrainCLI(LightningCLI):
         ]
         if self.config.get("time_op", True):
             callbacks.append(OpTiming())
+        if self.config.get("budget_minutes") is not None:
+            callbacks.append(TimeBudget(self.config.get("budget_minutes")))
         trainer_config = self.config.get("trainer", {})
         if trainer_config.get("enable_progress_bar", True) is not False:
             callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from asr.data.datamodule import ASRDataModule
 from asr.data.synth import LM_TEXT_FILE  # a corpus's text-only LM corpus, beside LibriSpeech/
 from asr.errors import UserError
+from asr.training.budget import budget_summary
 from asr.training.module import SpeechRecognizer
 from asr.training.run_folder import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, LM_FILE
 from asr.training.timing import OpTiming
@@ -71,6 +73,7 @@ def training_report(trainer: L.Trainer, model: SpeechRecognizer, run_dir: Path) 
             "rnn_op_seconds": op_seconds,  # summed over ranks
             "rnn_op_tflops": op_flops / op_seconds / 1e12 if op_seconds > 0 else None,
             "nonfinite_batches_skipped": stats["nonfinite_batches_skipped"],
+            "budget": budget_summary(stats),  # None unless trained to --budget_minutes
         },
     }
 
@@ -121,6 +124,7 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
     from asr.model.inference import load_for_inference
     from asr.report import write_report
 
+    started = time.perf_counter()
     best = run_dir / f"{BEST_CHECKPOINT}.ckpt"
     last = run_dir / f"{LAST_CHECKPOINT}.ckpt"
     checkpoint = best if best.is_file() else last
@@ -150,5 +154,6 @@ def finish_run(report: dict, run_dir: Path, datamodule: ASRDataModule, beam_size
         per_decoder = result.to_dict().get("decoders", {})
         report["eval"][split] = {name: {key: scores.get(key) for key in REPORTED_SCORES} | {"utterances": result.utterances}
                                  for name, scores in per_decoder.items()}
+    report["evaluation_seconds"] = time.perf_counter() - started  # LM, beam tuning and the test splits
     write_report(run_dir, report)
     return report

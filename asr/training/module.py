@@ -70,6 +70,7 @@ class SpeechRecognizer(L.LightningModule):
         self.data_config: dict = {}
         # Training statistics for the report; kept in checkpoints so a resumed run reports the whole run.
         self.stats = {"wall_seconds": 0.0, "audio_seconds": 0.0, "utterances": 0, "nonfinite_batches_skipped": 0}
+        self.schedule_steps: int | None = None  # the LR schedule's length when a time budget plans it
         self._nonfinite_in_a_row = 0
         self._bn_snapshot: list[torch.Tensor] | None = None  # taken at an optimizer step's first micro-batch
         self._fit_started = None
@@ -135,9 +136,12 @@ class SpeechRecognizer(L.LightningModule):
                 return 1.0
             # Asked lazily: estimated_stepping_batches sets up the training loader, which must happen
             # after a checkpoint's loader state is restored, not here in configure_optimizers.
-            if "n" not in total_steps:
-                total_steps["n"] = max(1, int(self.trainer.estimated_stepping_batches))
-            total = total_steps["n"]
+            if self.schedule_steps is not None:  # a time budget's plan (asr.training.budget)
+                total = max(1, self.schedule_steps)
+            else:
+                if "n" not in total_steps:
+                    total_steps["n"] = max(1, int(self.trainer.estimated_stepping_batches))
+                total = total_steps["n"]
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
             shape = 0.5 * (1 + math.cos(math.pi * progress)) if hp.schedule == "cosine" else 1 - progress
             return hp.final_lr_ratio + (1 - hp.final_lr_ratio) * shape
