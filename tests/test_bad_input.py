@@ -444,7 +444,7 @@ def test_synth_refuses_to_replace_another_corpus_without_force(workdir, capsys):
     (corpus / "LibriSpeech" / "train").mkdir(parents=True)
     (corpus / OWNER_FILE).write_text("made by asr data synth\n")
     (corpus / CORPUS_FILE).write_text(json.dumps({"version": CORPUS_VERSION, "hours_requested": 9.0, "seed": 0,
-                                                  "held_out_voice": {"speaker_id": 208}, "utterances": 0}))
+                                                  "held_out_speakers": [1401, 2032], "utterances": 0}))
     refused(["data", "synth", "--out", "data/synth", "--hours", "1"], capsys, workdir,
             "holds another corpus", "--hours 9.0", "pass --force to replace it")
 
