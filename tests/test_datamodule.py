@@ -280,3 +280,26 @@ def test_datamodule_shards_over_ranks_and_takes_the_epoch_from_lightning(corpus)
         per_rank.append([[i for epoch, i in b if epoch == 1] for b in loader.batch_sampler])
     assert len(per_rank[0]) == len(per_rank[1]) > 0
     assert sorted(i for batches in per_rank for b in batches for i in b) == list(range(len(TRAIN)))
+
+
+def test_signal_augmentation_in_the_training_loader(corpus):
+    """data.augment reaches training batches (seeded per seed, epoch, index), never dev batches."""
+    from asr.data.augment import AugmentConfig
+
+    augment = {"noise": {"p": 1.0, "snr_db": [10, 10]}, "vtlp": {"p": 1.0}, "babble": {"p": 1.0, "talkers": [2, 2]}}
+    utts = _utterances(corpus)
+    cfg = FeatureConfig()
+    make = lambda: UtteranceDataset(utts, CharTokenizer(), cfg, augment=True, spec_augment=False, seed=0,  # noqa: E731
+                                    augmentation=AugmentConfig.from_dict(augment))
+    clean = UtteranceDataset(utts, CharTokenizer(), cfg, augment=True, spec_augment=False, seed=0)[(1, 3)]["features"]
+    first = make()[(1, 3)]["features"]
+    assert first.shape == clean.shape and not torch.allclose(first, clean, atol=0.1)
+    assert torch.equal(make()[(1, 3)]["features"], first)  # deterministic
+    assert not torch.equal(make()[(2, 3)]["features"], first)  # another epoch, another draw
+
+    dm = _datamodule(corpus, augment=augment)
+    plain = _datamodule(corpus)
+    dev = next(iter(dm.val_dataloader()))["features"]
+    assert torch.equal(dev, next(iter(plain.val_dataloader()))["features"])  # evaluation is never augmented
+    with pytest.raises(UserError, match="data.augment.noise.p"):
+        _datamodule(corpus, augment={"noise": {"p": 2}})

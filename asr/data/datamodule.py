@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from asr.data.audio import load_audio
+from asr.data.augment import AugmentConfig, Augmenter, vtlp_log_mel
 from asr.data.features import FeatureConfig, LogMel, SpecAugment, random_speed, speed_perturb
 from asr.data.librispeech import load_split
 from asr.data.manifest import Utterance
@@ -126,7 +127,8 @@ class UtteranceDataset(Dataset):
     so a resumed run sees exactly the batches an uninterrupted run would."""
 
     def __init__(self, utterances: list[Utterance], tokenizer: Tokenizer, feature_config: FeatureConfig,
-                 augment: bool = False, spec_augment: bool = True, speed_perturb: bool = False, seed: int = 0):
+                 augment: bool = False, spec_augment: bool = True, speed_perturb: bool = False, seed: int = 0,
+                 augmentation: AugmentConfig | None = None):
         self.utterances = utterances
         self.tokenizer = tokenizer
         self.logmel = LogMel(feature_config)
@@ -134,6 +136,17 @@ class UtteranceDataset(Dataset):
         self.spec_augment = SpecAugment() if (augment and spec_augment) else None
         self.speed_perturb = augment and speed_perturb
         self.seed = seed
+        # signal augmentation (asr.data.augment), training only; babble is made of other training utterances
+        self.augmenter = (Augmenter(augmentation, babble_source=self._babble_talker)
+                          if augment and augmentation is not None and augmentation.enabled else None)
+
+    def _babble_talker(self, rng: random.Random) -> torch.Tensor:
+        """A random other utterance's wave (a silent second if it cannot be read: babble never fails a batch)."""
+        utt = self.utterances[rng.randrange(len(self.utterances))]
+        try:
+            return load_audio(utt.path)
+        except AudioError:
+            return torch.zeros(SAMPLE_RATE)
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -150,7 +163,15 @@ class UtteranceDataset(Dataset):
             torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
             if self.speed_perturb:
                 wave = speed_perturb(wave, random_speed(random.Random(int(torch.randint(1 << 30, ())))))
-            feats = self.logmel(wave)  # (T, F)
+            alpha = None
+            if self.augmenter is not None:
+                rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+                wave, _ = self.augmenter.wave(wave, rng)
+                alpha = self.augmenter.vtlp_factor(rng)
+            if alpha is None:
+                feats = self.logmel(wave)  # (T, F)
+            else:  # vocal-tract-length perturbation: a warped mel filterbank
+                feats = self.logmel.normalize(vtlp_log_mel(self.logmel, wave, alpha))  # (T, F)
             if self.spec_augment is not None:
                 feats = self.spec_augment(feats)
         return {"features": feats, "targets": self.tokenizer.encode(utt.text), "text": utt.text,
@@ -201,8 +222,11 @@ class ASRDataModule(L.LightningDataModule):
                  vocab_size: int = 256, sp_model_type: str = "unigram", max_batch_seconds: float = 120.0,
                  num_workers: int = 2, sortagrad: bool = True, spec_augment: bool = True,
                  speed_perturb: bool = False, n_mels: int = 80, seed: int = 0,
-                 limit_utterances: int | None = None):
+                 limit_utterances: int | None = None, augment: dict | None = None):
+        """augment: signal augmentation of training audio, per transform a probability and its ranges,
+        e.g. {"noise": {"p": 0.3, "snr_db": [10, 30]}, "reverb": {"p": 0.2}} (asr.data.augment.AugmentConfig)."""
         super().__init__()
+        self.augmentation = AugmentConfig.from_dict(augment)  # UserError naming a bad key, before any work
         self.root = root
         self.train_splits, self.dev_split, self.test_splits = list(train_splits), dev_split, list(test_splits)
         self.max_batch_seconds = max_batch_seconds
@@ -261,7 +285,8 @@ class ASRDataModule(L.LightningDataModule):
         sampler = DurationBatchSampler([u.duration for u in utterances], self.max_batch_seconds, shuffle=train,
                                        sortagrad=self.sortagrad, seed=self.seed, rank=rank, world_size=world)
         dataset = UtteranceDataset(utterances, self.tokenizer, self.feature_config, augment=train,
-                                   spec_augment=self.spec_augment, speed_perturb=self.speed_perturb, seed=self.seed)
+                                   spec_augment=self.spec_augment, speed_perturb=self.speed_perturb, seed=self.seed,
+                                   augmentation=self.augmentation)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
                           persistent_workers=False, pin_memory=torch.cuda.is_available(),
                           worker_init_fn=ignore_stop_signals if self.num_workers else None)
