@@ -73,3 +73,24 @@ def test_two_gloo_processes_match_one_process(tmp_path, write_corpus):
 
     assert json.loads((tmp_path / "two" / "report.json").read_text())["device"].startswith("2 x CPU")
     assert json.loads((tmp_path / "one" / "report.json").read_text())["device"].startswith("1 x CPU")
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_follow_one_time_budget(tmp_path, write_corpus):
+    """--budget_minutes under DDP: rank 0's plan is broadcast (a collective every rank joins at the same step),
+    and both ranks stop at the planned step. Here both ranks' own plans would agree anyway (the budget is
+    spent); this checks that the broadcast runs under gloo and the plan reaches the checkpoint and report."""
+    import json
+
+    root = tmp_path / "corpus"
+    write_corpus(root, "train", {f"100-1-{i:04d}": (d, " ".join(WORDS[(3 * i + j) % len(WORDS)] for j in range(3)))
+                                 for i, d in enumerate(TRAIN_DURATIONS)})
+    write_corpus(root, "dev", {f"200-1-{i:04d}": (1.0, " ".join(WORDS[i:i + 2])) for i in range(4)})
+    # a budget spent before the first plan (35 steps): the plan is "stop now", taken by both ranks at once
+    _train(root, tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "20",
+           "--budget_minutes", "0.01")
+    checkpoint = torch.load(tmp_path / "two" / "last.ckpt", map_location="cpu", weights_only=True)
+    plans = checkpoint["asr"]["stats"]["budget"]["plans"]
+    assert plans and plans[-1]["planned_steps"] == checkpoint["global_step"] == plans[0]["at_step"]
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["train"]["budget"]["planned_steps"] == plans[-1]["planned_steps"]

@@ -59,6 +59,8 @@ class TimeBudget(Callback):
         cap = self._cap(trainer)
         if cap is not None and planned > cap:
             planned, how = cap, how + f"; capped by the recipe's {cap} steps"
+        if trainer.world_size > 1:  # every rank plans at the same step; all must stop at the same one
+            planned, how, seconds_per_step, left = trainer.strategy.broadcast((planned, how, seconds_per_step, left), src=0)
         state["plans"].append({"at_step": step, "planned_steps": planned, "seconds_per_step": seconds_per_step,
                                "seconds_left": left, "how": how})
         pl_module.schedule_steps = planned
