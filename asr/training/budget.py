@@ -60,7 +60,8 @@ class TimeBudget(Callback):
         if cap is not None and planned > cap:
             planned, how = cap, how + f"; capped by the recipe's {cap} steps"
         if trainer.world_size > 1:  # every rank plans at the same step; all must stop at the same one
-            planned, how, seconds_per_step, left = trainer.strategy.broadcast((planned, how, seconds_per_step, left), src=0)
+            planned, how, seconds_per_step, left = trainer.strategy.broadcast(
+                (planned, how, seconds_per_step, left), src=0)
         state["plans"].append({"at_step": step, "planned_steps": planned, "seconds_per_step": seconds_per_step,
                                "seconds_left": left, "how": how})
         pl_module.schedule_steps = planned
@@ -126,7 +127,8 @@ class TimeBudget(Callback):
             return
         self._epochs_measured += 1
         seconds = (pl_module._wall_seconds() - self._mark[1]) / steps  # dev passes included
-        self._plan(trainer, pl_module, seconds, f"measured over {steps} steps and {self._epochs_measured} dev pass(es)")
+        self._plan(trainer, pl_module, seconds,
+                   f"measured over {steps} steps and {self._epochs_measured} dev pass(es)")
         self._calibrated = True
         self._stop_if_due(trainer, pl_module)
 
