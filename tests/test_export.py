@@ -105,17 +105,30 @@ def exported(trained_run, tmp_path_factory):
     return run / "last.ckpt", out
 
 
-def test_asr_export_writes_graph_and_settings(exported, capsys):
+def test_asr_export_writes_graph_and_settings(exported, capsys, monkeypatch):
+    from asr.model.inference import load_for_inference
+
     checkpoint, onnx_path = exported
     side = json.loads(onnx_path.with_suffix(".json").read_text())
-    assert side["vocabulary"][0] == "<blank>" and side["feature_config"]["n_mels"] > 0
-    assert side["frame_shift_seconds"] > 0 and side["model_config"]["rnn_layers"] >= 1
+    model = load_for_inference(checkpoint)
+    assert side["vocabulary"] == list(model.tokenizer.tokens) and side["vocabulary"][0] == "<blank>"
+    assert side["feature_config"] == json.loads(json.dumps(model.feature_config.to_dict()))
+    assert side["model_config"] == json.loads(json.dumps(model.config.to_dict()))
+    assert side["frame_shift_seconds"] == pytest.approx(model.frame_shift_seconds)
     # a second export to the same name is refused, nothing replaced
     before = onnx_path.read_bytes()
     assert asr_main(["export", str(checkpoint), "--onnx", str(onnx_path)]) == 2
     assert "exists" in capsys.readouterr().err and onnx_path.read_bytes() == before
     assert asr_main(["export", str(checkpoint), "--onnx", str(onnx_path.with_suffix(".bin"))]) == 2
     assert ".onnx" in capsys.readouterr().err
+    # with --overwrite, a graph that fails the check replaces nothing
+    import asr.export.onnx as export
+
+    monkeypatch.setattr(export, "graph_difference", lambda model, graph: 0.5)
+    settings = onnx_path.with_suffix(".json").read_bytes()
+    assert asr_main(["export", str(checkpoint), "--onnx", str(onnx_path), "--overwrite"]) == 2
+    assert "nothing written" in capsys.readouterr().err
+    assert onnx_path.read_bytes() == before and onnx_path.with_suffix(".json").read_bytes() == settings
 
 
 def test_recognizer_on_onnx_gives_the_checkpoints_transcripts(exported, trained_run, letter_wave, sentence):
@@ -158,7 +171,13 @@ def test_bench_onnx_reports_both_runtimes(exported, letter_wave, sentence, tmp_p
                      "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["runtimes"]) == {"pytorch", "onnxruntime"} and result["files_with_different_text"] == 0
-    assert result["audio_seconds"] > 0
-    for runtime in result["runtimes"].values():
-        assert 0 < runtime["network_rtf"] and 0 < runtime["transcribe_rtf"]
+    seconds = sum(sf.info(f).frames for f in files) / 16000
+    assert result["audio_seconds"] == pytest.approx(seconds, abs=1e-3) and result["files"] == 3
+    for runtime in result["runtimes"].values():  # one repeat: each RTF is its one timing over the audio
+        assert len(runtime["network_seconds"]) == len(runtime["transcribe_seconds"]) == 1
+        assert runtime["network_rtf"] == pytest.approx(runtime["network_seconds"][0] / result["audio_seconds"], rel=1e-3)
+        assert runtime["transcribe_rtf"] == pytest.approx(runtime["transcribe_seconds"][0] / result["audio_seconds"],
+                                                          rel=1e-3)
+    assert result["network_speedup"] == pytest.approx(
+        result["runtimes"]["pytorch"]["network_rtf"] / result["runtimes"]["onnxruntime"]["network_rtf"])
     assert asr_main(["bench", "onnx", str(checkpoint), *files, "--repeats", "0"]) == 2

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="asr-bench-onnx-") as tmp:
         onnx_path = args.onnx
         if onnx_path is None:
-            onnx_path, _ = export_checkpoint(args.checkpoint, Path(tmp) / "model.onnx")
+            onnx_path, _, _ = export_checkpoint(args.checkpoint, Path(tmp) / "model.onnx")
         runtimes = {"pytorch": Recognizer.load(args.checkpoint), "onnxruntime": Recognizer.load(onnx_path)}
         reference = runtimes["pytorch"]
         waves = [load_audio(f, reference.sample_rate) for f in args.files]

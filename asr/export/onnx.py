@@ -1,7 +1,7 @@
 """A trained DeepSpeech network as a standard ONNX graph, and the settings a runtime needs beside it.
 
-    write_onnx(net, "model.onnx")            # the graph; inputs and outputs below
-    export_checkpoint("best.ckpt", "model.onnx")   # the graph + model.json (tokenizer, features, ...)
+    build_model(net)                          # the graph (an onnx ModelProto); inputs and outputs below
+    export_checkpoint("best.ckpt", "model.onnx")   # checked with onnxruntime, then model.onnx + model.json
 
 The graph is written node by node from the network's weights (not traced), in eval mode:
 
@@ -39,6 +39,8 @@ IR_VERSION = 8  # the ONNX IR version that goes with opset 17
 SIDECAR_FORMAT = 1
 INPUTS = ("features", "feature_lengths")
 OUTPUTS = ("log_probs", "output_lengths")
+DEFAULT_TOLERANCE = 1e-4  # largest |log-prob difference| accepted between onnxruntime and PyTorch
+CHECK_LENGTHS = (400, 257, 61, 9)  # feature frames of the check batch's rows: ragged, down to a few frames
 
 
 def _onnx():
@@ -219,10 +221,22 @@ def build_model(net):
     return model
 
 
-def write_onnx(net, path: str | os.PathLike) -> Path:
-    """Write the network's graph to `path` (atomically)."""
-    model = build_model(net)
-    return atomic_write_bytes(path, model.SerializeToString())
+def graph_difference(model, graph: bytes, lengths=CHECK_LENGTHS, seed: int = 0) -> float:
+    """Largest |log-prob difference| over valid frames between onnxruntime running `graph` (serialized)
+    and the PyTorch network of `model` (an InferenceModel) on a ragged batch of random features;
+    UserError if the output lengths differ."""
+    from asr.inference.onnx_model import make_session, run_session
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths, dtype=torch.long)
+    features = torch.randn(len(lengths), int(lengths.max()), model.config.n_mels, generator=generator)  # (N, T, F)
+    features *= (torch.arange(features.shape[1])[None, :] < lengths[:, None])[:, :, None]
+    expected, expected_lengths = model.log_probs(features, lengths)
+    got, got_lengths = run_session(make_session(graph), features, lengths)
+    if not torch.equal(expected_lengths, got_lengths):
+        raise UserError(f"exported graph: output lengths {got_lengths.tolist()} differ from PyTorch's "
+                        f"{expected_lengths.tolist()}")
+    return max(float((got[k, :n] - expected[k, :n]).abs().max()) for k, n in enumerate(expected_lengths.tolist()) if n > 0)
 
 
 def sidecar(model) -> dict:
@@ -253,13 +267,23 @@ def check_onnx_path(onnx_path: str | os.PathLike) -> Path:
     return onnx_path
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike) -> tuple[Path, Path]:
-    """checkpoint -> (model.onnx, model.json)."""
+def export_checkpoint(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike,
+                      tolerance: float | None = DEFAULT_TOLERANCE) -> tuple[Path, Path, float | None]:
+    """checkpoint -> (model.onnx, model.json, the check's difference). With a tolerance, the graph is
+    first run by onnxruntime against PyTorch (graph_difference), and nothing is written if it differs
+    by more: a file already at onnx_path is replaced only by a graph that passed."""
     from asr.model.inference import load_for_inference
 
     onnx_path = check_onnx_path(onnx_path)
     model = load_for_inference(checkpoint)
+    graph = build_model(model.net).SerializeToString()
+    difference = None
+    if tolerance is not None:
+        difference = graph_difference(model, graph)
+        if not difference <= tolerance:
+            raise UserError(f"{checkpoint}: onnxruntime's log-probabilities differ from PyTorch's by "
+                            f"{difference:.3g} (> --tolerance {tolerance:g}); nothing written")
     side = dict(sidecar(model), checkpoint=str(checkpoint))
-    written = write_onnx(model.net, onnx_path)
+    written = atomic_write_bytes(onnx_path, graph)
     json_path = atomic_write_text(sidecar_path(onnx_path), json.dumps(side, indent=2) + "\n")
-    return written, json_path
+    return written, json_path, difference

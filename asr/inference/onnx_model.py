@@ -56,7 +56,7 @@ class OnnxAcousticModel:
         from asr.model.deepspeech import DeepSpeechConfig
         from asr.model.inference import check_vocabulary
 
-        ort = _onnxruntime()
+        _onnxruntime()  # a clear error before anything else if it is missing
         path = Path(onnx_path)
         if not path.is_file():
             raise UserError(f"{path}: ONNX model not found")
@@ -72,15 +72,7 @@ class OnnxAcousticModel:
         check_vocabulary(str(path), side["vocabulary"], self.tokenizer, self.config.vocab_size)
         self.frame_shift_seconds = float(side["frame_shift_seconds"])
         self.data_config = dict(side.get("data") or {})
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # torch computes the features between runs: threads spinning for work would take its cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own exception types for a bad file
-            raise UserError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0][:160]})") from None
+        self.session = make_session(str(path), threads, source=str(path))
         self.path = path
 
     def parameter_count(self) -> int:
@@ -88,11 +80,30 @@ class OnnxAcousticModel:
 
     def log_probs(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (N, T, F), feature_lengths (N,) -> log-probabilities (N, T', V) float32, lengths (N,) int64."""
-        log_probs, lengths = self.session.run(None, {
-            "features": features.detach().float().cpu().contiguous().numpy(),
-            "feature_lengths": feature_lengths.detach().cpu().long().numpy(),
-        })
-        return torch.from_numpy(log_probs), torch.from_numpy(lengths)
+        return run_session(self.session, features, feature_lengths)
+
+
+def make_session(graph: str | bytes, threads: int | None = None, source: str = "ONNX graph"):
+    """An onnxruntime CPU session over a graph file (its path) or its serialized bytes."""
+    ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # torch computes the features between runs: threads spinning for work would take its cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for a bad file
+        raise UserError(f"{source}: onnxruntime cannot load it ({str(err).splitlines()[0][:160]})") from None
+
+
+def run_session(session, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An exported graph's log-probabilities (N, T', V) and output lengths (N,) for a feature batch."""
+    log_probs, lengths = session.run(None, {
+        "features": features.detach().float().cpu().contiguous().numpy(),
+        "feature_lengths": feature_lengths.detach().cpu().long().numpy(),
+    })
+    return torch.from_numpy(log_probs), torch.from_numpy(lengths)
 
 
 def load_onnx(onnx_path: str | os.PathLike, threads: int | None = None) -> OnnxAcousticModel:
