@@ -2,6 +2,9 @@
 # scripts/gpu_check.sh OUTDIR [CORPUS] - everything a lent GPU must verify about the recurrent op and
 # the network on it, in one command (about 8 minutes on an H100):
 #   1. environment (GPU, driver, torch, nvcc)            -> OUTDIR/env.txt
+#   1b. latency microbenchmarks (csrc/microbench, built with nvcc here): L2 round trip, hand-off between
+#      two blocks and across all blocks in kernel v2's word format, DSMEM hand-offs and cluster
+#      occupancy on sm_90                                 -> OUTDIR/microbench.json, microbench.log
 #   2. JIT build of csrc/ (CUDA variant)                 -> OUTDIR/build.log
 #   3. the op and network tests: `cuda`-marked ones and the quick CPU op tests, against the CUDA build
 #                                                        -> OUTDIR/pytest.log, OUTDIR/pytest.xml
@@ -41,6 +44,7 @@ left() { echo $(( BUDGET_SECONDS - (SECONDS - START) )); }
 cap() { local want=$1 rest=$(( $(left) - 30 )); [ "$rest" -lt "$want" ] && want=$rest; [ "$want" -lt 10 ] && want=10; echo "$want"; }
 stage() { echo; echo "=== [$(( SECONDS - START )) s] $*"; }
 status_build=skipped status_tests=skipped status_v2=skipped status_barrier=skipped status_bench=skipped status_train=skipped
+status_micro=skipped
 
 stage "environment"
 {
@@ -50,6 +54,32 @@ stage "environment"
   nvcc --version 2>&1 | tail -2
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 } | tee "$OUT/env.txt"
+
+stage "latency microbenchmarks (csrc/microbench)"
+# Machine code for sm_80 and sm_90a (clusters), PTX for anything newer (the cluster figures then say
+# "not applicable"); built outside OUTDIR so that no binary lands among the results.
+MICRO_NVCC=$("$PY" -c 'from asr.ops import build; print(build.find_nvcc() or "")' 2>/dev/null || true)
+[ -n "$MICRO_NVCC" ] || MICRO_NVCC=$(command -v nvcc || true)
+MICRO_DIR=$(mktemp -d)
+if [ -z "$MICRO_NVCC" ]; then
+  echo "no nvcc found: microbenchmarks not built" | tee "$OUT/microbench.log"
+  status_micro="failed (no nvcc)"
+elif ! timeout "$(cap 150)" "$MICRO_NVCC" -std=c++17 -O3 -I csrc --threads 0 \
+    -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=compute_80 \
+    csrc/microbench/microbench.cu csrc/prnn_planner.cpp -o "$MICRO_DIR/microbench" >"$OUT/microbench_build.log" 2>&1; then
+  status_micro="failed (build)"
+  tail -20 "$OUT/microbench_build.log"
+else
+  timeout "$(cap 90)" "$MICRO_DIR/microbench" "$OUT/microbench.json" >"$OUT/microbench.log" 2>&1
+  case $? in
+    0) status_micro=passed ;;
+    77) status_micro="failed (no GPU)" ;;
+    124) status_micro="failed (killed after its time limit)" ;;
+    *) status_micro="failed (a timeout or an error: see microbench.json)" ;;
+  esac
+  cat "$OUT/microbench.log"
+fi
+rm -rf "$MICRO_DIR"
 
 stage "build (CUDA variant, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
 if timeout 300 "$PY" -m asr.cli ops build --variant cuda --verbose >"$OUT/build.log" 2>&1; then
@@ -112,7 +142,7 @@ EOF
       --backends persistent,persistent_v2,cudnn --out "$OUT/bench_targets.json" --no-plot \
       >"$OUT/bench_targets.log" 2>&1 || status_bench=failed
   tail -4 "$OUT/bench_targets.log"
-  timeout "$(cap 60)" "$PY" -m asr.cli bench rnn --hidden 1024 --batch 8,16,64 --dtype float16 --directions 1 --modes fwd \
+  timeout "$(cap 60)" "$PY" -m asr.cli bench rnn --hidden 1024 --batch 8,16,32,64 --dtype float16 --directions 1 --modes fwd \
       --backends persistent,persistent_v2,cudnn --out "$OUT/bench_targets_fp16.json" --no-plot \
       >"$OUT/bench_targets_fp16.log" 2>&1 || status_bench=failed
   tail -4 "$OUT/bench_targets_fp16.log"
@@ -150,13 +180,18 @@ EOF
 fi
 
 stage "summary"
-"$PY" - "$OUT" "$status_build" "$status_tests" "$status_barrier" "$status_bench" "$status_train" "$(( SECONDS - START ))" "$status_v2" <<'EOF'
+"$PY" - "$OUT" "$status_build" "$status_tests" "$status_barrier" "$status_bench" "$status_train" "$(( SECONDS - START ))" "$status_v2" "$status_micro" <<'EOF'
 import json, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-out, build, tests, barrier, bench, train, seconds, v2 = Path(sys.argv[1]), *sys.argv[2:7], int(sys.argv[7]), sys.argv[8]
-summary = {"build": build, "tests": tests, "v2_tests": v2, "barrier": barrier, "bench": bench, "train": train,
-           "seconds": seconds}
+out, build, tests, barrier, bench, train, seconds, v2, micro = (Path(sys.argv[1]), *sys.argv[2:7], int(sys.argv[7]),
+                                                                 *sys.argv[8:10])
+summary = {"build": build, "tests": tests, "v2_tests": v2, "microbench": micro, "barrier": barrier, "bench": bench,
+           "train": train, "seconds": seconds}
+if (out / "microbench.json").is_file():
+    summary["microbench_figures"] = [{k: f.get(k) for k in ("name", "label", "status", "median", "p10", "p90", "unit",
+                                                            "reason")}
+                                     for f in json.loads((out / "microbench.json").read_text())["figures"]]
 if (out / "pytest.xml").is_file():
     suite = ET.parse(out / "pytest.xml").getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
@@ -180,6 +215,11 @@ for path in sorted(out.glob("bench_train_*.json")):
 print(f"device: {summary.get('device', '?')}   wall time: {seconds} s")
 print(f"build: {build}   tests: {tests} {summary.get('pytest', '')}   v2 tests: {v2}   barrier: {barrier}   "
       f"bench: {bench}   train: {train}")
+print(f"microbenchmarks: {micro}")
+for f in summary.get("microbench_figures", []):
+    value = (f"{f['median']:.3g} {f['unit']} [p10 {f['p10']:.3g}, p90 {f['p90']:.3g}]" if f["status"] == "ok"
+             else f"{f['status']}: {(f['reason'] or '')[:70]}")
+    print(f"  {f['name']:<26}{f['label']:<34}{value}")
 for blocks, us in summary.get("barrier_us", {}).items():
     print(f"grid barrier, {blocks} blocks: {us} us")
 

@@ -1,4 +1,5 @@
-"""csrc/: the tile planner on CPU, the nvcc compile + link guard, and the C test program on a GPU.
+"""csrc/: the tile planner on CPU, the nvcc compile + link guard, the C test program on a GPU, and
+the GPU microbenchmarks (csrc/microbench: host logic on CPU, compile + ptxas checks, no-GPU exit).
 
 The compile test is what keeps a kernel that does not compile from landing: nvcc builds every
 csrc/prnn_*.cu plus the planner into a shared library and the C test program links against it.
@@ -8,6 +9,7 @@ builds TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"), any other value is used as 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -160,21 +162,7 @@ def test_v2_instantiations_fit_their_registers_without_spills(tmp_path, arch):
     for name in ("prnn_v2_forward.cu", "prnn_v2_backward.cu"):
         res = run([str(nvcc), *flags, "-c", str(CSRC / name), "-o", str(tmp_path / (name + ".o"))], timeout=COMPILE_TIMEOUT_S)
         assert res.returncode == 0, res.stderr
-        current = None
-        for line in res.stderr.splitlines():
-            m = re.search(r"Compiling entry function '(\w+)'", line)
-            if m:
-                current = m.group(1)
-                kernels[current] = {}
-                continue
-            if current is None:
-                continue
-            m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if m:
-                kernels[current]["local"] = tuple(int(x) for x in m.groups())
-            m = re.search(r"Used (\d+) registers", line)
-            if m:
-                kernels[current]["registers"] = int(m.group(1))
+        kernels.update(_ptxas_kernels(res.stderr))
     v2 = {k: v for k, v in kernels.items() if "persistent_rnn_v2_kernel" in k}
     # 2 passes x (bf16, fp16) x 2 register-step templates + fp32 1xTF32 x 2 + 3xTF32 x 1
     assert len(v2) == 2 * (2 * 2 + 2 + 1), sorted(v2)
@@ -244,3 +232,151 @@ def test_c_program_on_gpu(built):
         pytest.skip("no GPU: " + result.stdout.strip())
     assert result.returncode == 0, result.stdout + result.stderr
     assert "prnn_test: 0 failures" in result.stdout
+
+
+# ---- csrc/microbench: the GPU latency microbenchmarks (scripts/gpu_check.sh runs them first) ------------
+MICROBENCH = CSRC / "microbench" / "microbench.cu"
+MICROBENCH_KERNELS = {"l2_chase_kernel", "pingpong_kernel", "all_to_all_kernel", "cluster_kernel",
+                      "cluster_occupancy_probe"}
+CLUSTER_PTX = ("barrier.cluster.arrive", "barrier.cluster.wait", "mapa", "ld.relaxed.cluster", "st.relaxed.cluster")
+MICROBENCH_STATUSES = {"ok", "not_applicable", "refused", "timeout", "error"}
+MICROBENCH_FIGURES = {"l2_round_trip", "handoff_two_blocks", "handoff_all_to_all", "dsmem_handoff_two_blocks",
+                      "dsmem_all_to_all", "cluster_barrier_exchange", "max_active_clusters"}
+
+
+def test_microbench_host_logic(tmp_path):
+    """Statistics, grid sizes, partners, co-residency refusal, the chase cycle and the JSON writer, on
+    the CPU; the sample document it writes must parse and carry the hand-computed quantiles."""
+    cxx = find_cxx()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "microbench_host_test"
+    build = run([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}",
+                 str(CSRC / "tests" / "microbench_host_test.cpp"), "-o", str(exe)], timeout=COMPILE_TIMEOUT_S)
+    assert build.returncode == 0, build.stderr
+    sample = tmp_path / "sample.json"
+    result = run([str(exe), str(sample)], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "microbench host test: 0 failures" in result.stdout
+    figures = {f["name"]: f for f in json.loads(sample.read_text())["figures"]}
+    ok = figures["l2_round_trip"]
+    assert (ok["status"], ok["repeats"], ok["median"], ok["p10"], ok["p90"]) == ("ok", 10, 5.5, 1.9, 9.1)
+    assert ok["params"]["load"] == 'ld.global.cg "quoted"' and ok["samples"] == list(range(1, 11))
+    na = figures["dsmem_all_to_all"]
+    assert na["status"] == "not_applicable" and "compute capability 9.0" in na["reason"]
+    assert na["repeats"] == 0 and na["median"] is None and na["samples"] == []
+    assert figures["handoff_all_to_all"]["status"] == "timeout" and "waited more than" in \
+        figures["handoff_all_to_all"]["reason"]
+
+
+def _ptxas_kernels(stderr: str) -> dict[str, dict]:
+    """ptxas -v output -> {entry function: {"local": (stack, spill stores, spill loads), "registers": n}}."""
+    kernels, current = {}, None
+    for line in stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            current = m.group(1)
+            kernels[current] = {}
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            kernels[current]["local"] = tuple(int(x) for x in m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            kernels[current]["registers"] = int(m.group(1))
+    return kernels
+
+
+@pytest.fixture(scope="module", params=["sm_80", "sm_90a"])
+def microbench_build(request, tmp_path_factory):
+    """The microbenchmark program for one architecture (ptxas -v output kept) and its PTX."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    arch = request.param
+    number = arch[3:]
+    out = tmp_path_factory.mktemp(f"microbench_{arch}")
+    exe = out / "microbench"
+    build = run([str(nvcc), "-std=c++17", "-O3", f"-I{CSRC}", f"-gencode=arch=compute_{number},code={arch}",
+                 "-Xptxas=-v", "-Xcompiler=-Wall", str(MICROBENCH), str(CSRC / "prnn_planner.cpp"), "-o", str(exe)],
+                timeout=COMPILE_TIMEOUT_S)
+    assert build.returncode == 0, build.stderr
+    ptx = run([str(nvcc), "-std=c++17", "-O3", f"-I{CSRC}", f"-arch=compute_{number}", "-ptx", str(MICROBENCH),
+               "-o", str(out / "microbench.ptx")], timeout=COMPILE_TIMEOUT_S)
+    assert ptx.returncode == 0, ptx.stderr
+    return {"arch": arch, "exe": exe, "stderr": build.stderr, "ptx": (out / "microbench.ptx").read_text()}
+
+
+def test_microbench_compiles_without_local_memory(microbench_build):
+    """Every kernel of the program, for sm_80 and sm_90a: no warnings, no stack frame, no spills; the
+    cluster kernel holds its cluster code (barrier.cluster, mapa, relaxed.cluster accesses) in the
+    sm_90a build only (for sm_80 it is an empty stub the host recognises)."""
+    build = microbench_build
+    assert "warning" not in build["stderr"].lower(), build["stderr"]
+    kernels = _ptxas_kernels(build["stderr"])
+    found = {short for short in MICROBENCH_KERNELS for name in kernels if short in name}
+    assert found == MICROBENCH_KERNELS, sorted(kernels)
+    assert len(kernels) == len(MICROBENCH_KERNELS), sorted(kernels)
+    for name, info in kernels.items():
+        assert info.get("local") == (0, 0, 0), f"{build['arch']} {name}: local memory {info.get('local')}"
+        assert info.get("registers", 0) > 0, f"{build['arch']} {name}: no register count"
+    for instruction in CLUSTER_PTX:
+        assert (instruction in build["ptx"]) == (build["arch"] == "sm_90a"), f"{build['arch']}: {instruction}"
+    for instruction in ("ld.global.cg.u32", "ld.relaxed.gpu.global.b64", "st.relaxed.gpu.global.b64", "%globaltimer",
+                        "%smid"):
+        assert instruction in build["ptx"], f"{build['arch']}: {instruction} missing"
+
+
+def test_microbench_without_gpu_exits_77_and_writes_nothing(microbench_build, tmp_path):
+    out = tmp_path / "microbench.json"
+    result = run([str(microbench_build["exe"]), str(out)], timeout=60, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode == NO_GPU_EXIT, result.stdout + result.stderr
+    assert "microbench: no GPU" in result.stdout
+    assert not out.exists()
+
+
+MICROBENCH_BAD_ARGUMENTS = [
+    ([], "OUT.json (the output path) is missing"),
+    (["out.json", "--repeats", "0"], "--repeats must be an integer in [1, 1000], got '0'"),
+    (["out.json", "--timeout-ms", "soon"], "--timeout-ms must be an integer in [1, 600000], got 'soon'"),
+    (["out.json", "--repeats"], "--repeats needs a value"),
+    (["out.json", "--fast"], "unknown option '--fast'"),
+    (["a.json", "b.json"], "one output path, got 'a.json' and 'b.json'"),
+]
+
+
+def test_microbench_bad_arguments_are_named(microbench_build, tmp_path):
+    """Refused before any GPU is looked for: exit 2, the argument and the reason, the usage line."""
+    for argv, message in MICROBENCH_BAD_ARGUMENTS:
+        result = subprocess.run([str(microbench_build["exe"]), *argv], capture_output=True, text=True, timeout=60,
+                                cwd=tmp_path)
+        assert result.returncode == 2, (argv, result.stdout + result.stderr)
+        assert message in result.stderr and "usage: microbench OUT.json" in result.stderr, (argv, result.stderr)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.cuda
+def test_microbench_on_gpu(microbench_build, tmp_path):
+    """On a GPU of the build's architecture: a JSON with every figure, each ok / not applicable /
+    refused with a reason, none timed out; clusters measured on sm_90, not applicable on sm_80."""
+    out = tmp_path / "microbench.json"
+    result = run([str(microbench_build["exe"]), str(out), "--quick"], timeout=GPU_TEST_TIMEOUT_S)
+    if result.returncode == NO_GPU_EXIT:
+        pytest.skip("no GPU: " + result.stdout.strip())
+    report = json.loads(out.read_text())
+    cc = report["device"]["compute_capability"]
+    major = int(cc.split(".")[0])
+    if not (cc == "9.0" if microbench_build["arch"] == "sm_90a" else major == 8):  # machine code runs there only
+        pytest.skip(f"built for {microbench_build['arch']}, the device is compute capability {cc}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = report["figures"]
+    assert {f["name"] for f in figures} == MICROBENCH_FIGURES
+    for f in figures:
+        assert f["status"] in MICROBENCH_STATUSES - {"timeout", "error"}, f
+        assert f["status"] == "ok" or f["reason"], f
+        if f["status"] == "ok":
+            assert f["median"] > 0 and f["p10"] <= f["median"] <= f["p90"], f
+    cluster = [f for f in figures if f["name"].startswith(("dsmem", "cluster", "max_active"))]
+    assert all((f["status"] == "not_applicable") == (major < 9) for f in cluster), cluster

@@ -14,7 +14,12 @@ yet run on a GPU. "fwd" is the forward pass;
 "fwdbwd" is forward plus backward (gradients wrt u, w_hh and h0). FLOPs: the forward recurrence is
 2*N*H^2 per step per direction; forward+backward counts three times that (forward, backward-data,
 dW). The cudnn backend also spends one input GEMM on u @ I (see asr/ops/cudnn.py); it is timed as
-part of cuDNN. Results: JSON, and a PNG plot when matplotlib is installed.
+part of cuDNN. Every cuDNN row names the algorithm PyTorch requests from cuDNN for it
+(`cudnn_algo_forward`, `cudnn_algo_backward` for fwdbwd, `cudnn_algo_reason`), by PyTorch's own
+heuristic as restated in asr/bench/cudnn_algo.py (e.g. PERSIST_STATIC: float16, one direction, H <=
+1024 in multiples of 128, N a multiple of 8 below 96 at H=1024, on sm_80+ with >= 98 SMs; hence
+H=1024 in the sweep, whose N=8..64 rows are cuDNN at its persistent best).
+Results: JSON, and a PNG plot when matplotlib is installed.
 
 On the CPU the backends are other things: "cudnn" is torch.nn.RNN's native CPU loop and
 "persistent" the extension's C++ loop, and tables, plots and the JSON label them so (`label`).
@@ -36,11 +41,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from asr.bench import invocation
+from asr.bench import cudnn_algo, invocation
 from asr.errors import UserError
 from asr.fileio import atomic_write_text
 
-HIDDEN_SIZES = (512, 1152, 1760, 2048, 2560)
+HIDDEN_SIZES = (512, 1024, 1152, 1760, 2048, 2560)  # 1024: cuDNN's PERSIST_STATIC rows (float16)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 TIME_STEPS = 200
 DTYPES = ("float32", "float16", "bfloat16")
@@ -80,6 +85,9 @@ class Measurement:
     p10_us_per_step: float | None = None  # CUDA: 10th / 90th percentile of the timed replays
     p90_us_per_step: float | None = None
     timing: str | None = None  # how the time was taken
+    cudnn_algo_forward: str | None = None  # cuDNN rows on CUDA: the algorithm PyTorch requests (bench/cudnn_algo.py)
+    cudnn_algo_backward: str | None = None  # fwdbwd: the backward pass's (may differ from the forward's)
+    cudnn_algo_reason: str | None = None  # the branch of PyTorch's heuristic that decided
 
 
 def backend_label(backend: str, device_type: str) -> str:
@@ -101,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--backends", type=_csv(str), default=None,
                         help="comma list of " + ",".join(BACKENDS) + " (default: all; on the CPU all but persistent_v2)")
-    parser.add_argument("--hidden", type=_csv(int), default=None, help="comma list (default 512,1152,1760,2048,2560)")
+    parser.add_argument("--hidden", type=_csv(int), default=None,
+                        help="comma list (default 512,1024,1152,1760,2048,2560)")
     parser.add_argument("--batch", type=_csv(int), default=None, help="comma list (default 1,2,4,8,16,32,64)")
     parser.add_argument("--time-steps", type=int, default=None, help=f"T (default {TIME_STEPS})")
     parser.add_argument("--dtype", type=_csv(str), default=None, help="comma list of float32,float16,bfloat16")
@@ -232,6 +241,47 @@ def _plan_text(op_backend, dtype, hidden, batch, time_steps, directions, activat
         return f"unknown: {str(err).splitlines()[0][:200]}"
 
 
+def cudnn_compile_version() -> int | None:
+    """The cuDNN PyTorch was built with, as cuDNN's integer (91900 = 9.19.0): the version its bf16
+    RNN rule checks. Falls back to the runtime version; None without cuDNN."""
+    import torch
+
+    try:
+        major, minor, patch = torch._C._cudnn.getCompileVersion()
+        return major * 10000 + minor * 100 + patch if major >= 9 else major * 1000 + minor * 100 + patch
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return torch.backends.cudnn.version()
+
+
+def cudnn_algo_fields(mode, dtype_name, hidden, batch, time_steps, directions, activation, device) -> dict:
+    """The Measurement fields naming PyTorch's cuDNN algorithm for a cudnn row on CUDA ({} elsewhere).
+    asr/ops/cudnn.py feeds u as a (T, N, D*H) layer input of one layer, unpacked (the bench has no
+    lengths)."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    version = cudnn_compile_version()
+    if version is None:
+        return dict(cudnn_algo_forward=cudnn_algo.NOT_CUDNN, cudnn_algo_reason="PyTorch has no cuDNN")
+    props = torch.cuda.get_device_properties(device)
+    choice = cudnn_algo.pytorch_rnn_algo(
+        dtype=dtype_name, batch=batch, hidden=hidden, input_size=directions * hidden, layers=1,
+        bidirectional=directions == 2, compute_capability=(props.major, props.minor),
+        sm_count=props.multi_processor_count, cudnn_version=version, seq_length=time_steps,
+        mode="rnn_relu" if activation == "relu" else "rnn_tanh", cudnn_enabled=torch.backends.cudnn.enabled)
+    return dict(cudnn_algo_forward=choice.forward, cudnn_algo_backward=choice.backward if mode == "fwdbwd" else None,
+                cudnn_algo_reason=choice.reason)
+
+
+def algo_label(m: Measurement) -> str:
+    """The table's short name of a row's cuDNN algorithm ("-" where none applies)."""
+    if m.cudnn_algo_forward is None:
+        return "-"
+    choice = cudnn_algo.AlgoChoice(m.cudnn_algo_forward, m.cudnn_algo_backward or m.cudnn_algo_forward, "")
+    return choice.short("forward" if m.cudnn_algo_backward is None else "both")
+
+
 def _measure(backend, op_backend, mode, dtype_name, hidden, batch, time_steps, directions, activation, device,
              max_repeats):
     import torch
@@ -247,6 +297,8 @@ def _measure(backend, op_backend, mode, dtype_name, hidden, batch, time_steps, d
     base = dict(backend=backend, mode=mode, dtype=dtype_name, hidden=hidden, batch=batch, time_steps=time_steps,
                 directions=directions, label=backend_label(backend, device.type),
                 plan=_plan_text(op_backend, dtype, hidden, batch, time_steps, directions, activation, device))
+    if op_backend == "cudnn":
+        base.update(cudnn_algo_fields(mode, dtype_name, hidden, batch, time_steps, directions, activation, device))
     backend = op_backend
     if mode == "fwd":
         def step():
@@ -299,15 +351,19 @@ def print_table(measurements: list[Measurement], file=None) -> None:
     labels = [m.label or m.backend for m in measurements]
     width = max([len("backend"), *map(len, labels)]) + 2
     baseline = "x nn.RNN" if any(m.label == CPU_LABELS["cudnn"] for m in measurements) else "x cuDNN"
-    print(f"{'backend':<{width}}{'mode':<7}{'dtype':<9}{'H':>6}{'N':>4}{'us/step':>11}{'TFLOP/s':>9}{baseline:>9}",
-          file=file)
+    algos = any(m.cudnn_algo_forward for m in measurements)  # a column only where cuDNN rows ran on CUDA
+    algo_head = "  cuDNN algo (PyTorch's choice)" if algos else ""
+    print(f"{'backend':<{width}}{'mode':<7}{'dtype':<9}{'H':>6}{'N':>4}{'us/step':>11}{'TFLOP/s':>9}{baseline:>9}"
+          f"{algo_head}", file=file)
     for m, label in zip(measurements, labels):
+        algo = f"  {algo_label(m)}" if algos else ""
         if m.error:
-            print(f"{label:<{width}}{m.mode:<7}{m.dtype:<9}{m.hidden:>6}{m.batch:>4}  n/a: {m.error[:70]}", file=file)
+            print(f"{label:<{width}}{m.mode:<7}{m.dtype:<9}{m.hidden:>6}{m.batch:>4}  n/a: {m.error[:70]}{algo}",
+                  file=file)
             continue
         speedup = f"{m.speedup_over_cudnn:.2f}" if m.speedup_over_cudnn else "-"
         print(f"{label:<{width}}{m.mode:<7}{m.dtype:<9}{m.hidden:>6}{m.batch:>4}{m.us_per_step:>11.1f}"
-              f"{m.tflops:>9.3f}{speedup:>9}", file=file)
+              f"{m.tflops:>9.3f}{speedup:>9}{algo}", file=file)
 
 
 def plot(measurements: list[Measurement], path: Path, title: str) -> str | None:
@@ -402,6 +458,8 @@ def run_sweep(args, on_progress=None) -> dict:
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
             cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            cudnn_compile_version=cudnn_compile_version() if device.type == "cuda" else None,
+            cudnn_algo_logic=cudnn_algo.PYTORCH_LOGIC if device.type == "cuda" else None,
             matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
             extension=None if ext is None else dict(variant=ext.variant, arch_list=ext.arch_list),
             activation=args.activation,
@@ -419,10 +477,12 @@ def run_sweep(args, on_progress=None) -> dict:
                 for batch in batches:
                     for backend in args.backends:
                         if args.budget_seconds is not None and time.perf_counter() - started > args.budget_seconds:
+                            algo = cudnn_algo_fields(mode, dtype, hidden, batch, time_steps, args.directions,
+                                                     args.activation, device) if backend == "cudnn" else {}
                             measurements.append(Measurement(backend, mode, dtype, hidden, batch, time_steps,
                                                             args.directions, None, None, 0,
                                                             error=f"not run: --budget-seconds {args.budget_seconds:g} spent",
-                                                            label=backend_label(backend, device.type)))
+                                                            label=backend_label(backend, device.type), **algo))
                             continue
                         measurements.append(measure(backend, mode, dtype, hidden, batch, time_steps, args.directions,
                                                     args.activation, device, args.max_repeats))
