@@ -167,6 +167,26 @@ def test_tune_beam_searches_the_grid(corpus, tmp_path, scripted_model):
     assert (tuning.lm_weight, tuning.word_score, tuning.wer) in tuning.grid
 
 
+def test_tune_beam_in_worker_processes_equals_one_process(corpus, tmp_path, scripted_model):
+    """The grid decoded by 2 forked workers gives every point the WER one process gives, in grid order."""
+    from asr.inference.tuning import tune_beam
+
+    utterances, scripts = corpus
+    model = scripted_model(scripts)
+    texts = [u.text for u in utterances[:4]]
+    lm = build_arpa(texts, tmp_path / "lm.arpa")
+    # No point with lm_weight 0 and word_score 0: there the scripted model's exact ties leave the
+    # decoder's choice to chance, in one process as in several (seen: WER 0.3-0.6 from run to run).
+    runs = {jobs: tune_beam(Recognizer(model), utterances, lm, lexicon_words(texts), lm_weights=(0.5, 2.0, 8.0),
+                            word_scores=(-4.0, 0.0, 2.0), jobs=jobs) for jobs in (1, 2)}
+    assert runs[2].grid == runs[1].grid
+    assert len(runs[1].grid) == 9
+    assert len({wer for _, _, wer in runs[1].grid}) > 1  # the points differ, so a mix-up of their order would show
+    assert (runs[2].lm_weight, runs[2].word_score, runs[2].wer) == (runs[1].lm_weight, runs[1].word_score, runs[1].wer)
+    with pytest.raises(UserError, match="jobs 0"):
+        tune_beam(Recognizer(model), utterances, lm, lexicon_words(texts), jobs=0)
+
+
 def test_command_tunes_on_a_dev_split(corpus, tmp_path, capsys, make_checkpoint):
     from asr.cli import main
     from asr.data.librispeech import manifest_path

@@ -92,6 +92,7 @@ def test_a_bidirectional_model_cannot_stream(trained_run, capsys):
     from asr.cli import main
 
     checkpoint = trained_run("bidirectional") / "last.ckpt"
+    capsys.readouterr()  # what the fixture printed if it trained the model just now
     with pytest.raises(UserError, match="unidirectional"):
         StreamingRecognizer(Recognizer.load(checkpoint))
     assert main(["transcribe", str(checkpoint), "--stream", "x.wav"]) == 2

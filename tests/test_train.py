@@ -3,6 +3,7 @@ resume after a kill, non-finite losses skipped and counted, vocabulary checks on
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from asr.errors import UserError
 from asr.model.inference import CHECKPOINT_KEY, load_for_inference
 from asr.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from asr.training.cli import main
 from asr.training.module import SpeechRecognizer
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synth" / "tiny.yaml"
 
 
 @pytest.fixture
@@ -52,10 +56,19 @@ def test_tiny_recipe_trains_evaluates_and_reports(corpus, tmp_path, capsys, trai
     assert "rnn_hidden: 16" in config and str(corpus) in config  # the resolved config, overrides included
 
     model = load_for_inference(run_dir / "best.ckpt")
-    assert model.tokenizer.tokens[0] == "<blank>" and model.frame_shift_seconds == pytest.approx(0.03)
+    recipe = yaml.safe_load(RECIPE.read_text())["model"]["net"]
+    stride = math.prod(st for _, st in recipe["conv_strides"])  # (frequency, time) per conv
+    assert model.tokenizer.tokens[0] == "<blank>" and model.frame_shift_seconds == pytest.approx(0.01 * stride)
+
+    def out_frames(frames: int) -> int:  # each conv pads k//2 frames on both sides in time
+        for (_, kt), (_, st) in zip(recipe["conv_kernels"], recipe["conv_strides"]):
+            frames = (frames + 2 * (kt // 2) - kt) // st + 1
+        return frames
+
     log_probs, lengths = model.log_probs(torch.randn(2, 90, 80), torch.tensor([90, 60]))
-    assert log_probs.shape == (2, 30, model.tokenizer.vocab_size) and lengths.tolist() == [30, 20]
-    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2, 30))
+    assert log_probs.shape == (2, out_frames(90), model.tokenizer.vocab_size)
+    assert lengths.tolist() == [out_frames(90), out_frames(60)] and out_frames(60) < out_frames(90)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2, out_frames(90)))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

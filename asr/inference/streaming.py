@@ -146,8 +146,9 @@ class StreamingNetwork:
             state.buffer = torch.cat([state.buffer, x.new_zeros(*x.shape[:3], state.padding)], dim=3)
         available = state.buffer.shape[3]
         count = (available - kt) // st + 1 if available >= kt else 0
-        if count <= 0:
-            return x.new_zeros(1, block["conv"].out_channels, 0, 0)[:, :, :0]
+        if count <= 0:  # nothing completed yet: no frames, but the frequency size the next block expects
+            kf, sf = fe.kernels[k][0], fe.strides[k][0]
+            return x.new_zeros(1, block["conv"].out_channels, (x.shape[2] + 2 * pf - kf) // sf + 1, 0)
         used = state.buffer[..., : (count - 1) * st + kt]
         conv = block["conv"]
         y = F.conv2d(used, conv.weight, None, conv.stride, (pf, 0))  # (1, C', F', count)
