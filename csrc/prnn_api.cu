@@ -13,6 +13,9 @@
 //                     of prnn_v2.cuh; refused with the planner's reason where it does not fit), auto
 //                     (v2 where it plans, else v1). Read at every call. v2 has not yet run on a GPU.
 //   PRNN_V2_FP32=3xtf32|tf32  how v2 multiplies fp32 problems (default 3xtf32: about fp32 accuracy).
+//   PRNN_V2_MODE=auto|ring|cluster  v2's exchange: auto (default: cluster mode on sm_90 where the layer
+//                     fits one cluster and the batch one wave of clusters, else ring), or forced.
+//                     Cluster mode has not yet run on a GPU.
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -191,6 +194,13 @@ prnnStatus_t device_info(int device, DeviceInfo* info) {
     d.cooperative = v[9] != 0;
     err = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device);
     if (err != cudaSuccess) return cuda_fail(err, "cudaDeviceGetAttribute");
+    // Thread-block clusters: sm_90 allows 8 blocks portably and 16 with the non-portable size, which
+    // the launch asks for; how many run at once is the runtime's answer per plan (plan_pass_v2).
+    int cluster_launch = 0;
+    if (d.cc_major >= 9 && cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device) == cudaSuccess &&
+        cluster_launch != 0)
+      d.limits.max_cluster_blocks = 16;
+    cudaGetLastError();  // an attribute this driver does not know is not an error of the next call
     cache[device] = d;
     known[device] = true;
   }
@@ -280,6 +290,46 @@ int v2_fp32_precision() {
   return -1;
 }
 
+// PRNN_V2_MODE: kV2ModeAuto / Ring / Cluster; -2 for a value not understood.
+int v2_requested_mode() {
+  const char* v = getenv("PRNN_V2_MODE");
+  if (v == nullptr || v[0] == '\0' || strcmp(v, "auto") == 0) return kV2ModeAuto;
+  if (strcmp(v, "ring") == 0) return kV2ModeRing;
+  if (strcmp(v, "cluster") == 0) return kV2ModeCluster;
+  return -2;
+}
+
+// Cluster mode: the launch configuration, and how many such clusters the runtime can run at once.
+cudaLaunchConfig_t cluster_config(const PlanV2& plan, cudaStream_t stream, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(plan.blocks);
+  config.blockDim = dim3(plan.threads);
+  config.dynamicSmemBytes = static_cast<size_t>(plan.smem_bytes);
+  config.stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = plan.blocks_per_dir;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
+prnnStatus_t active_clusters(const void* fn, const PlanV2& plan, int* active) {
+  if (plan.blocks_per_dir > 8) {
+    const cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) return cuda_fail(err, "cudaFuncSetAttribute(NonPortableClusterSizeAllowed)");
+  }
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config = cluster_config(plan, nullptr, &attr);
+  const cudaError_t err = cudaOccupancyMaxActiveClusters(active, fn, &config);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    *active = 0;  // this cluster shape cannot launch: the caller plans without it
+  }
+  return PRNN_STATUS_SUCCESS;
+}
+
 // Kernel v2's plan for one pass, confirmed against the kernel as built (registers, occupancy).
 prnnStatus_t plan_pass_v2(const prnnProblem_t* p, int device, bool backward, PlanV2* plan, const void** kernel,
                           char* reason, size_t reason_len) {
@@ -307,19 +357,46 @@ prnnStatus_t plan_pass_v2(const prnnProblem_t* p, int device, bool backward, Pla
   }
   const ProblemShape shape = {p->time_steps, p->batch > 0 ? p->batch : 1, p->directions, p->hidden,
                               dtype_bytes(p->dtype)};
-  char why[768] = "";
-  if (!make_plan_v2(info.limits, shape, precision, kKernelMaxRegsPerThread, plan, why, sizeof(why))) {
-    snprintf(reason, reason_len, "%s %s: %s", dtype_name(p->dtype), pass, why);
-    return PRNN_STATUS_NOT_SUPPORTED;
-  }
-  const void* fn = backward ? backward_kernel_v2(p->dtype, precision, plan->reg_steps)
-                            : forward_kernel_v2(p->dtype, precision, plan->reg_steps);
-  if (fn == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "v2: no kernel for %d register steps", plan->reg_steps);
+  const int mode = v2_requested_mode();
+  if (mode == -2) return fail(PRNN_STATUS_INVALID_VALUE, "PRNN_V2_MODE=%s: must be auto, ring or cluster", getenv("PRNN_V2_MODE"));
+  char why[1024] = "";
+  DeviceLimits limits = info.limits;
+  const void* fn = nullptr;
   char label[32];
   snprintf(label, sizeof(label), "v2 %s: ", pass);
   int resident = 0;
-  st = confirm_kernel(fn, plan->regs_per_thread, plan->threads, plan->smem_bytes, true, label, &resident, reason, reason_len);
-  if (st != PRNN_STATUS_SUCCESS) return st;
+  // At most twice: a cluster plan made on the SMs / cluster-size estimate is re-made with the
+  // runtime's count of clusters that run at once (which may give larger groups, or ring mode).
+  for (int attempt = 0;; ++attempt) {
+    if (!make_plan_v2_mode(limits, shape, precision, kKernelMaxRegsPerThread, mode, plan, why, sizeof(why))) {
+      snprintf(reason, reason_len, "%s %s: %s", dtype_name(p->dtype), pass, why);
+      return PRNN_STATUS_NOT_SUPPORTED;
+    }
+    fn = backward ? backward_kernel_v2(p->dtype, precision, plan->reg_steps)
+                  : forward_kernel_v2(p->dtype, precision, plan->reg_steps);
+    if (fn == nullptr) return fail(PRNN_STATUS_INVALID_VALUE, "v2: no kernel for %d register steps", plan->reg_steps);
+    st = confirm_kernel(fn, plan->regs_per_thread, plan->threads, plan->smem_bytes, true, label, &resident, reason, reason_len);
+    if (st != PRNN_STATUS_SUCCESS) return st;
+    if (plan->mode != kV2ModeCluster) break;
+    int active = 0;
+    st = active_clusters(fn, *plan, &active);
+    if (st != PRNN_STATUS_SUCCESS) return st;
+    if (active < 1 && mode == kV2ModeAuto) {  // this cluster size cannot launch here: ring mode
+      limits.max_cluster_blocks = 0;
+      continue;
+    }
+    if (active < 1) {
+      snprintf(reason, reason_len, "v2 %s: clusters of %d blocks (%d threads, %d B shared memory) cannot launch on device %d",
+               pass, plan->blocks_per_dir, plan->threads, plan->smem_bytes, device);
+      return PRNN_STATUS_NOT_SUPPORTED;
+    }
+    if (active == limits.max_active_clusters || attempt > 0) break;
+    limits.max_active_clusters = active;
+  }
+  if (plan->mode == kV2ModeCluster) {  // clusters are independent: only each cluster's blocks must be co-resident
+    *kernel = fn;
+    return PRNN_STATUS_SUCCESS;
+  }
   if (resident < 1 || static_cast<long long>(resident) * info.limits.sm_count < plan->blocks) {
     snprintf(reason, reason_len, "v2 %s: %d blocks of %d threads with %d B shared memory cannot all be resident (%d per SM x %d SMs)",
              pass, plan->blocks, plan->threads, plan->smem_bytes, resident, info.limits.sm_count);
@@ -408,14 +485,22 @@ prnnStatus_t run_pass(const prnnProblem_t* p, bool backward, KernelArgs args, vo
   if (err != cudaSuccess) return cuda_fail(err, "cudaMemsetAsync(workspace header)");
   void* params_v1[] = {&plan.v1, &args};
   void* params_v2[] = {&plan.v2, &args};
-  err = cudaLaunchCooperativeKernel(plan.kernel, dim3(blocks), dim3(threads), plan.variant == 2 ? params_v2 : params_v1,
-                                    static_cast<size_t>(smem), stream);
-  if (err != cudaSuccess) return cuda_fail(err, backward ? "cooperative launch (backward)" : "cooperative launch (forward)");
+  if (plan.variant == 2 && plan.v2.mode == kV2ModeCluster) {
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t config = cluster_config(plan.v2, stream, &attr);
+    err = cudaLaunchKernelExC(&config, plan.kernel, params_v2);
+    if (err != cudaSuccess) return cuda_fail(err, backward ? "cluster launch (backward)" : "cluster launch (forward)");
+  } else {
+    err = cudaLaunchCooperativeKernel(plan.kernel, dim3(blocks), dim3(threads), plan.variant == 2 ? params_v2 : params_v1,
+                                      static_cast<size_t>(smem), stream);
+    if (err != cudaSuccess) return cuda_fail(err, backward ? "cooperative launch (backward)" : "cooperative launch (forward)");
+  }
   if (debug_enabled()) {
     char text[768];
     plan.describe(text, sizeof(text));
     fprintf(stderr, "[prnn] %s %s %s barrier=%s\n", backward ? "backward" : "forward", dtype_name(p->dtype),
-            text, plan.variant == 2 ? "none (v2 exchange)" : args.use_cg_barrier ? "cg" : "counter");
+            text, plan.variant == 2 ? (plan.v2.mode == kV2ModeCluster ? "none (v2 exchange through DSMEM)" : "none (v2 exchange)")
+                                    : args.use_cg_barrier ? "cg" : "counter");
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone)
       return read_status_record(args.status, stream, what);

@@ -4,6 +4,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 namespace prnn {
 namespace {
@@ -272,6 +273,11 @@ long long v2_ring_bytes_for(int batch, int directions, int hidden, int elem_byte
 bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_t len) {
   const long long H = p.hidden;
   const bool mma16 = p.precision == kV2Mma16;
+  const bool cluster = p.mode == kV2ModeCluster;
+  if (p.mode != kV2ModeRing && !cluster) {
+    write_reason(reason, len, "v2 plan: mode %d is neither ring nor cluster", p.mode);
+    return false;
+  }
   if ((mma16 ? p.elem_bytes != 2 || p.k_tile != 16 || p.elems_per_word != 2
              : p.elem_bytes != 4 || p.k_tile != 8 || p.elems_per_word != 1 ||
                    (p.precision != kV2Tf32 && p.precision != kV2Tf32x3))) {
@@ -282,7 +288,7 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
     write_reason(reason, len, "v2 plan: %d k steps of %d do not tile hidden %lld", p.k_steps, p.k_tile, H);
     return false;
   }
-  if (p.blocks != p.blocks_per_dir * p.directions || p.rows_per_block % kV2RowTile != 0 ||
+  if (p.blocks != p.blocks_per_dir * p.directions * p.groups || p.rows_per_block % kV2RowTile != 0 ||
       p.m_tiles * kV2RowTile != p.rows_per_block ||
       static_cast<long long>(p.blocks_per_dir) * p.rows_per_block < H ||
       static_cast<long long>(p.blocks_per_dir - 1) * p.rows_per_block >= H) {
@@ -311,14 +317,19 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
     return false;
   }
   if (p.batch_padded != round_up(p.batch, kV2BatchTile) || p.n_tiles * kV2BatchTile != p.batch_padded ||
-      p.chunk_tiles < 1 || p.chunk_tiles > p.n_tiles) {
-    write_reason(reason, len, "v2 plan: %d n tiles in chunks of %d for batch %d", p.n_tiles, p.chunk_tiles, p.batch);
+      p.group_tiles < 1 || p.group_tiles > p.n_tiles || p.groups != ceil_div(p.n_tiles, p.group_tiles) ||
+      (!cluster && (p.groups != 1 || p.group_tiles != p.n_tiles)) || p.chunk_tiles < 1 ||
+      p.chunk_tiles > p.group_tiles) {
+    write_reason(reason, len, "v2 plan: %d n tiles in %d groups of %d, chunks of %d, for batch %d", p.n_tiles, p.groups,
+                 p.group_tiles, p.chunk_tiles, p.batch);
     return false;
   }
   const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
   const long long red_bytes = static_cast<long long>(p.k_splits) * p.chunk_tiles * kV2BatchTile * p.rows_per_block * 4;
   const long long len_bytes = static_cast<long long>(p.batch_padded + p.n_tiles) * 4;  // lengths, tile flags
-  const long long b_bytes = static_cast<long long>(p.chunk_tiles) * kV2BatchTile * p.b_row_words * 8;
+  const long long b_rows = cluster ? static_cast<long long>(kV2RingSlots) * p.group_tiles * kV2BatchTile
+                                   : static_cast<long long>(p.chunk_tiles) * kV2BatchTile;
+  const long long b_bytes = b_rows * p.b_row_words * 8;
   if (p.b_row_words != p.hidden_padded / p.elems_per_word + 2 || p.smem_a_offset != 0 ||
       p.smem_red_offset % kSmemAlign || p.smem_b_offset % kSmemAlign || p.smem_len_offset % kSmemAlign ||
       a_bytes > p.smem_red_offset || p.smem_red_offset + red_bytes > p.smem_b_offset ||
@@ -331,9 +342,9 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
                  kib(p.smem_bytes), kib(static_cast<double>(usable_smem_per_block(dev))));
     return false;
   }
-  if (p.ring_words != v2_ring_bytes_for(p.batch, p.directions, p.hidden, p.elem_bytes) / 8) {
-    write_reason(reason, len, "v2 plan: ring of %lld words, expected %lld", p.ring_words,
-                 v2_ring_bytes_for(p.batch, p.directions, p.hidden, p.elem_bytes) / 8);
+  const long long ring = cluster ? 0 : v2_ring_bytes_for(p.batch, p.directions, p.hidden, p.elem_bytes) / 8;
+  if (p.ring_words != ring) {
+    write_reason(reason, len, "v2 plan: ring of %lld words, expected %lld", p.ring_words, ring);
     return false;
   }
   const int per_sm = blocks_per_sm_for(dev, p.threads, p.regs_per_thread, p.smem_bytes);
@@ -341,16 +352,28 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
     write_reason(reason, len, "v2 plan: %d blocks per SM recorded, %d allowed", p.blocks_per_sm, per_sm);
     return false;
   }
-  // One block per SM is the plan; every block polls its peers, so all must be resident.
-  if (p.blocks > dev.sm_count) {
+  if (cluster) {
+    // A cluster's blocks are co-scheduled by the hardware; clusters are independent of each other.
+    if (p.blocks_per_dir > dev.max_cluster_blocks || p.blocks_per_dir > dev.sm_count) {
+      write_reason(reason, len, "v2 plan: clusters of %d blocks, the device allows %d", p.blocks_per_dir,
+                   dev.max_cluster_blocks);
+      return false;
+    }
+    if (p.waves < 1) {
+      write_reason(reason, len, "v2 plan: %d waves of clusters", p.waves);
+      return false;
+    }
+  } else if (p.blocks > dev.sm_count || p.waves != 1) {
+    // One block per SM is the plan; every block polls its peers, so all must be resident.
     write_reason(reason, len, "v2 plan: %d blocks for %d SMs", p.blocks, dev.sm_count);
     return false;
   }
   return true;
 }
 
-bool make_plan_v2(const DeviceLimits& dev, const ProblemShape& s, int precision, int regs_per_thread, PlanV2* out,
-                  char* reason, size_t len) {
+namespace {
+// The fields every v2 plan shares (shape, precision, k tiling); false with a reason for a bad problem.
+bool v2_common(const ProblemShape& s, int precision, int regs_per_thread, PlanV2* p, char* reason, size_t len) {
   if (s.hidden < 1 || s.batch < 1 || s.time_steps < 0 || (s.directions != 1 && s.directions != 2) ||
       (s.elem_bytes != 2 && s.elem_bytes != 4)) {
     write_reason(reason, len, "invalid problem: T=%d N=%d D=%d H=%d element bytes %d", s.time_steps, s.batch,
@@ -362,122 +385,249 @@ bool make_plan_v2(const DeviceLimits& dev, const ProblemShape& s, int precision,
     write_reason(reason, len, "v2: precision %d is not available for %d-byte storage", precision, s.elem_bytes);
     return false;
   }
-  if (regs_per_thread <= 0) regs_per_thread = kKernelMaxRegsPerThread;
   if (s.time_steps + 1 > kV2MaxSteps) {
     write_reason(reason, len, "v2: %d time steps exceed the exchange tag's %d", s.time_steps, kV2MaxSteps - 1);
     return false;
   }
-  PlanV2 p = {};
-  p.time_steps = s.time_steps;
-  p.batch = s.batch;
-  p.directions = s.directions;
-  p.hidden = s.hidden;
-  p.elem_bytes = s.elem_bytes;
-  p.precision = precision;
-  p.regs_per_thread = regs_per_thread;
-  p.k_tile = mma16 ? 16 : 8;
-  p.elems_per_word = mma16 ? 2 : 1;
-  p.hidden_padded = static_cast<int>(round_up(s.hidden, kV2RowTile));
-  p.k_steps = p.hidden_padded / p.k_tile;
-  const long long H = s.hidden;
+  *p = PlanV2{};
+  p->time_steps = s.time_steps;
+  p->batch = s.batch;
+  p->directions = s.directions;
+  p->hidden = s.hidden;
+  p->elem_bytes = s.elem_bytes;
+  p->precision = precision;
+  p->regs_per_thread = regs_per_thread;
+  p->k_tile = mma16 ? 16 : 8;
+  p->elems_per_word = mma16 ? 2 : 1;
+  p->hidden_padded = static_cast<int>(round_up(s.hidden, kV2RowTile));
+  p->k_steps = p->hidden_padded / p->k_tile;
+  p->batch_padded = static_cast<int>(round_up(s.batch, kV2BatchTile));
+  p->n_tiles = p->batch_padded / kV2BatchTile;
+  p->b_row_words = p->hidden_padded / p->elems_per_word + 2;
+  return true;
+}
 
+// Rows per block and the warps' share of the weights: m tiles, k splits, register / shared-memory
+// steps. `where` names the grid in a refusal ("on 132 SMs", "in a cluster of 16").
+bool v2_warps(const DeviceLimits& dev, int rows_per_block, const char* where, PlanV2* p, char* reason, size_t len) {
+  const long long H = p->hidden;
+  p->rows_per_block = rows_per_block;
+  p->m_tiles = p->rows_per_block / kV2RowTile;
+  p->blocks_per_dir = static_cast<int>(ceil_div(H, p->rows_per_block));
+  int max_warps = kV2MaxWarps;
+  const int by_threads = dev.max_threads_per_block / kWarpSize;
+  if (by_threads < max_warps) max_warps = by_threads;
+  const int per_warp = regs_per_warp(p->regs_per_thread);
+  if (dev.regs_per_block / per_warp < max_warps) max_warps = dev.regs_per_block / per_warp;
+  if (dev.regs_per_sm / per_warp < max_warps) max_warps = dev.regs_per_sm / per_warp;
+  if (p->m_tiles > max_warps) {
+    write_reason(reason, len,
+                 "v2: hidden %lld x %d direction(s) (%.1f MiB of %s weights) needs %d rows per block %s, "
+                 "i.e. %d warps of 16 rows, more than the %d warps a block may have",
+                 H, p->directions, mib(static_cast<double>(H) * H * p->elem_bytes * p->directions),
+                 v2_precision_name(p->precision, p->elem_bytes), p->rows_per_block, where, p->m_tiles, max_warps);
+    return false;
+  }
+  int k_splits = max_warps / p->m_tiles;
+  if (k_splits > p->k_steps) k_splits = p->k_steps;
+  p->k_steps_per_warp = static_cast<int>(ceil_div(p->k_steps, k_splits));
+  p->k_splits = static_cast<int>(ceil_div(p->k_steps, p->k_steps_per_warp));
+  p->warps = p->m_tiles * p->k_splits;
+  p->threads = p->warps * kWarpSize;
+  // 3xTF32 splits each A register into hi and lo at use: 8 register steps spill (ptxas), so 4.
+  const int max_reg_steps = p->precision == kV2Tf32x3 ? 4 : kV2MaxRegSteps;
+  p->reg_steps = max_reg_steps;
+  for (int r : kV2RegStepChoices) {
+    if (r >= p->k_steps_per_warp && r <= max_reg_steps) {
+      p->reg_steps = r;
+      break;
+    }
+  }
+  const int in_regs = p->k_steps_per_warp < p->reg_steps ? p->k_steps_per_warp : p->reg_steps;
+  p->smem_steps = p->k_steps_per_warp - in_regs;
+  return true;
+}
+
+// Lays out shared memory: A steps, partial sums of chunk_tiles tiles, `b_rows` rows of exchange words,
+// lengths and flags; then occupancy and the full re-check.
+bool v2_finish(const DeviceLimits& dev, long long b_rows, PlanV2* p, char* reason, size_t len) {
+  const long long a_bytes = static_cast<long long>(p->warps) * p->smem_steps * kWarpSize * 16;
+  const long long red_per_tile = static_cast<long long>(p->k_splits) * kV2BatchTile * p->rows_per_block * 4;
+  const long long len_bytes = round_up(static_cast<long long>(p->batch_padded + p->n_tiles) * 4, kSmemAlign);
+  p->smem_a_offset = 0;
+  p->smem_red_offset = static_cast<int>(round_up(a_bytes, kSmemAlign));
+  p->smem_b_offset = static_cast<int>(p->smem_red_offset + round_up(p->chunk_tiles * red_per_tile, kSmemAlign));
+  p->smem_len_offset = static_cast<int>(p->smem_b_offset + round_up(b_rows * p->b_row_words * 8, kSmemAlign));
+  p->smem_bytes = static_cast<int>(p->smem_len_offset + len_bytes);
+  p->blocks_per_sm = blocks_per_sm_for(dev, p->threads, p->regs_per_thread, p->smem_bytes);
+  if (p->blocks_per_sm < 1) {
+    write_reason(reason, len, "v2: a block of %d threads and %.1f KiB shared memory cannot be resident", p->threads,
+                 kib(p->smem_bytes));
+    return false;
+  }
+  return check_plan_v2(dev, *p, reason, len);
+}
+
+bool plan_v2_ring(const DeviceLimits& dev, const ProblemShape& s, int precision, int regs_per_thread, PlanV2* out,
+                  char* reason, size_t len) {
+  PlanV2 p;
+  if (!v2_common(s, precision, regs_per_thread, &p, reason, len)) return false;
+  const long long H = s.hidden;
   // Rows per block: the smallest multiple of 16 whose grid (one block per SM) fits the device.
   const int max_blocks_per_dir = dev.sm_count / s.directions;
   if (max_blocks_per_dir < 1) {
     write_reason(reason, len, "v2: the device has %d SMs, fewer than the %d directions", dev.sm_count, s.directions);
     return false;
   }
-  p.rows_per_block = static_cast<int>(round_up(ceil_div(H, max_blocks_per_dir), kV2RowTile));
-  p.m_tiles = p.rows_per_block / kV2RowTile;
-  p.blocks_per_dir = static_cast<int>(ceil_div(H, p.rows_per_block));
-  p.blocks = p.blocks_per_dir * s.directions;
-  const int max_warps = [&] {
-    int w = kV2MaxWarps;
-    const int by_threads = dev.max_threads_per_block / kWarpSize;
-    if (by_threads < w) w = by_threads;
-    const int per_warp = regs_per_warp(regs_per_thread);
-    if (dev.regs_per_block / per_warp < w) w = dev.regs_per_block / per_warp;
-    if (dev.regs_per_sm / per_warp < w) w = dev.regs_per_sm / per_warp;
-    return w;
-  }();
-  const double weights_mib = mib(static_cast<double>(H) * H * s.elem_bytes * s.directions);
-  if (p.m_tiles > max_warps) {
-    write_reason(reason, len,
-                 "v2: hidden %lld x %d direction(s) (%.1f MiB of %s weights) needs %d rows per block on %d SMs, "
-                 "i.e. %d warps of 16 rows, more than the %d warps a block may have",
-                 H, s.directions, weights_mib, v2_precision_name(precision, s.elem_bytes), p.rows_per_block,
-                 dev.sm_count, p.m_tiles, max_warps);
+  char where[64];
+  snprintf(where, sizeof(where), "on %d SMs", dev.sm_count);
+  if (!v2_warps(dev, static_cast<int>(round_up(ceil_div(H, max_blocks_per_dir), kV2RowTile)), where, &p, reason, len))
     return false;
-  }
-  int k_splits = max_warps / p.m_tiles;
-  if (k_splits > p.k_steps) k_splits = p.k_steps;
-  p.k_steps_per_warp = static_cast<int>(ceil_div(p.k_steps, k_splits));
-  p.k_splits = static_cast<int>(ceil_div(p.k_steps, p.k_steps_per_warp));
-  p.warps = p.m_tiles * p.k_splits;
-  p.threads = p.warps * kWarpSize;
-  // 3xTF32 splits each A register into hi and lo at use: 8 register steps spill (ptxas), so 4.
-  const int max_reg_steps = precision == kV2Tf32x3 ? 4 : kV2MaxRegSteps;
-  p.reg_steps = max_reg_steps;
-  for (int r : kV2RegStepChoices) {
-    if (r >= p.k_steps_per_warp && r <= max_reg_steps) {
-      p.reg_steps = r;
-      break;
-    }
-  }
-  const int in_regs = p.k_steps_per_warp < p.reg_steps ? p.k_steps_per_warp : p.reg_steps;
-  p.smem_steps = p.k_steps_per_warp - in_regs;
-
-  p.batch_padded = static_cast<int>(round_up(s.batch, kV2BatchTile));
-  p.n_tiles = p.batch_padded / kV2BatchTile;
+  p.mode = kV2ModeRing;
+  p.groups = 1;
+  p.group_tiles = p.n_tiles;
+  p.waves = 1;
+  p.blocks = p.blocks_per_dir * s.directions;
   const long long usable = static_cast<long long>(usable_smem_per_block(dev));
   const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
   const long long len_bytes = round_up(static_cast<long long>(p.batch_padded + p.n_tiles) * 4, kSmemAlign);
-  p.b_row_words = p.hidden_padded / p.elems_per_word + 2;
   const long long red_per_tile = static_cast<long long>(p.k_splits) * kV2BatchTile * p.rows_per_block * 4;
   const long long b_per_tile = static_cast<long long>(kV2BatchTile) * p.b_row_words * 8;
   const long long per_tile = red_per_tile + b_per_tile;
   const long long room = usable - a_bytes - len_bytes - 2 * kSmemAlign;
   if (room < per_tile) {
+    const int in_regs = p.k_steps_per_warp - p.smem_steps;
     write_reason(reason, len,
                  "v2: hidden %lld x %d direction(s) (%.1f MiB of %s weights): each of %d blocks keeps %d rows, "
                  "%d k steps per warp of which %d in registers and %d (%.1f KiB) in shared memory, plus %.1f KiB "
                  "of staged state and partial sums per tile of 8 sequences; this device allows %.1f KiB of "
                  "shared memory per block",
-                 H, s.directions, weights_mib, v2_precision_name(precision, s.elem_bytes), p.blocks,
-                 p.rows_per_block, p.k_steps_per_warp, in_regs, p.smem_steps, kib(static_cast<double>(a_bytes)),
-                 kib(static_cast<double>(per_tile)), kib(static_cast<double>(usable)));
+                 H, s.directions, mib(static_cast<double>(H) * H * s.elem_bytes * s.directions),
+                 v2_precision_name(precision, s.elem_bytes), p.blocks, p.rows_per_block, p.k_steps_per_warp, in_regs,
+                 p.smem_steps, kib(static_cast<double>(a_bytes)), kib(static_cast<double>(per_tile)),
+                 kib(static_cast<double>(usable)));
     return false;
   }
   long long chunk = room / per_tile;
   if (chunk > p.n_tiles) chunk = p.n_tiles;
   p.chunk_tiles = static_cast<int>(chunk);
-  p.smem_a_offset = 0;
-  p.smem_red_offset = static_cast<int>(round_up(a_bytes, kSmemAlign));
-  p.smem_b_offset = static_cast<int>(p.smem_red_offset + round_up(chunk * red_per_tile, kSmemAlign));
-  p.smem_len_offset = static_cast<int>(p.smem_b_offset + round_up(chunk * b_per_tile, kSmemAlign));
-  p.smem_bytes = static_cast<int>(p.smem_len_offset + len_bytes);
   p.ring_words = v2_ring_bytes_for(s.batch, s.directions, s.hidden, s.elem_bytes) / 8;
-  p.blocks_per_sm = blocks_per_sm_for(dev, p.threads, regs_per_thread, p.smem_bytes);
-  if (p.blocks_per_sm < 1) {
-    write_reason(reason, len, "v2: a block of %d threads and %.1f KiB shared memory cannot be resident", p.threads,
-                 kib(p.smem_bytes));
-    return false;
-  }
-  if (!check_plan_v2(dev, p, reason, len)) return false;
+  if (!v2_finish(dev, chunk * kV2BatchTile, &p, reason, len)) return false;
   *out = p;
-  if (reason != nullptr && len > 0) reason[0] = '\0';
   return true;
 }
 
+// Cluster mode. `one_wave`: refuse when the batch needs more clusters than run at once.
+bool plan_v2_cluster(const DeviceLimits& dev, const ProblemShape& s, int precision, int regs_per_thread, bool one_wave,
+                     PlanV2* out, char* reason, size_t len) {
+  PlanV2 p;
+  if (!v2_common(s, precision, regs_per_thread, &p, reason, len)) return false;
+  const long long H = s.hidden;
+  if (dev.max_cluster_blocks < 1) {
+    write_reason(reason, len, "v2 cluster mode: the device has no thread-block clusters (sm_90 and later)");
+    return false;
+  }
+  const int max_cluster = dev.max_cluster_blocks < dev.sm_count ? dev.max_cluster_blocks : dev.sm_count;
+  char where[64];
+  snprintf(where, sizeof(where), "in a cluster of at most %d", max_cluster);
+  // The most blocks a cluster may have: the step's math spread widest, each block the fewest rows.
+  if (!v2_warps(dev, static_cast<int>(round_up(ceil_div(H, max_cluster), kV2RowTile)), where, &p, reason, len))
+    return false;
+  p.mode = kV2ModeCluster;
+  p.ring_words = 0;
+  const long long usable = static_cast<long long>(usable_smem_per_block(dev));
+  const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
+  const long long len_bytes = round_up(static_cast<long long>(p.batch_padded + p.n_tiles) * 4, kSmemAlign);
+  const long long red_per_tile = static_cast<long long>(p.k_splits) * kV2BatchTile * p.rows_per_block * 4;
+  const long long ring_per_tile = static_cast<long long>(kV2RingSlots) * kV2BatchTile * p.b_row_words * 8;
+  const long long room = usable - a_bytes - len_bytes - 3 * kSmemAlign;
+  const double weights_mib = mib(static_cast<double>(H) * H * s.elem_bytes * s.directions);
+  if (room < ring_per_tile + red_per_tile) {
+    const int in_regs = p.k_steps_per_warp - p.smem_steps;
+    write_reason(reason, len,
+                 "v2 cluster mode: hidden %lld (%.1f MiB of %s weights per direction) in a cluster of %d blocks: each "
+                 "keeps %d rows, %d k steps per warp of which %d in registers and %d (%.1f KiB) in shared memory, "
+                 "plus %.1f KiB of ring and partial sums per tile of 8 sequences; this device allows %.1f KiB of "
+                 "shared memory per block",
+                 H, weights_mib / s.directions, v2_precision_name(precision, s.elem_bytes), p.blocks_per_dir,
+                 p.rows_per_block, p.k_steps_per_warp, in_regs, p.smem_steps, kib(static_cast<double>(a_bytes)),
+                 kib(static_cast<double>(ring_per_tile + red_per_tile)), kib(static_cast<double>(usable)));
+    return false;
+  }
+  // Clusters that run at once (the runtime's count once known, else SMs / cluster size), and so how
+  // many sequence tiles each must take for the batch to need one wave.
+  const int resident = dev.max_active_clusters > 0 ? dev.max_active_clusters : dev.sm_count / p.blocks_per_dir;
+  const int per_dir = resident / s.directions > 0 ? resident / s.directions : 1;
+  long long group_tiles = ceil_div(p.n_tiles, per_dir);
+  const long long fit = (room - red_per_tile) / ring_per_tile;  // with partial sums of one tile
+  if (group_tiles > fit) group_tiles = fit;
+  p.group_tiles = static_cast<int>(group_tiles);
+  p.groups = static_cast<int>(ceil_div(p.n_tiles, p.group_tiles));
+  p.blocks = p.groups * s.directions * p.blocks_per_dir;
+  p.waves = static_cast<int>(ceil_div(static_cast<long long>(p.groups) * s.directions, resident > 0 ? resident : 1));
+  if (one_wave && p.waves > 1) {
+    write_reason(reason, len,
+                 "v2 cluster mode: batch %d needs %d clusters of %d blocks (groups of %d tiles of 8 sequences, at most "
+                 "%lld by shared memory: %.1f KiB of ring per tile) x %d direction(s); the device runs %d at once",
+                 s.batch, p.groups * s.directions, p.blocks_per_dir, p.group_tiles, fit, kib(static_cast<double>(ring_per_tile)),
+                 s.directions, resident);
+    return false;
+  }
+  long long chunk = (room - p.group_tiles * ring_per_tile) / red_per_tile;
+  if (chunk > p.group_tiles) chunk = p.group_tiles;
+  p.chunk_tiles = static_cast<int>(chunk);
+  if (!v2_finish(dev, static_cast<long long>(kV2RingSlots) * p.group_tiles * kV2BatchTile, &p, reason, len)) return false;
+  *out = p;
+  return true;
+}
+}  // namespace
+
+bool make_plan_v2_mode(const DeviceLimits& dev, const ProblemShape& s, int precision, int regs_per_thread, int mode,
+                       PlanV2* out, char* reason, size_t len) {
+  if (regs_per_thread <= 0) regs_per_thread = kKernelMaxRegsPerThread;
+  bool ok = false;
+  if (mode == kV2ModeRing) {
+    ok = plan_v2_ring(dev, s, precision, regs_per_thread, out, reason, len);
+  } else if (mode == kV2ModeCluster) {
+    ok = plan_v2_cluster(dev, s, precision, regs_per_thread, false, out, reason, len);
+  } else if (mode == kV2ModeAuto) {
+    char why_cluster[640] = "";
+    ok = dev.max_cluster_blocks > 0 &&
+         plan_v2_cluster(dev, s, precision, regs_per_thread, true, out, why_cluster, sizeof(why_cluster));
+    if (!ok) ok = plan_v2_ring(dev, s, precision, regs_per_thread, out, reason, len);
+    if (!ok && dev.max_cluster_blocks > 0 && reason != nullptr && len > 0) {
+      const size_t used = strlen(reason);
+      if (used + 4 < len) snprintf(reason + used, len - used, "; %s", why_cluster);
+    }
+  } else {
+    write_reason(reason, len, "v2: mode %d is not auto, ring or cluster", mode);
+  }
+  if (ok && reason != nullptr && len > 0) reason[0] = '\0';
+  return ok;
+}
+
+bool make_plan_v2(const DeviceLimits& dev, const ProblemShape& s, int precision, int regs_per_thread, PlanV2* out,
+                  char* reason, size_t len) {
+  return make_plan_v2_mode(dev, s, precision, regs_per_thread, kV2ModeAuto, out, reason, len);
+}
+
 void describe_plan_v2(const PlanV2& p, char* out, size_t len) {
+  char groups[160] = "";
+  if (p.mode == kV2ModeCluster)
+    snprintf(groups, sizeof(groups), " = one cluster; %d group(s) of %d tiles of 8 sequences, %d cluster(s) in %d wave(s)",
+             p.groups, p.group_tiles, p.groups * p.directions, p.waves);
   write_reason(out, len,
-               "v2 T=%d N=%d D=%d H=%d %s: %d blocks (%d/direction) x %d threads; %d rows/block (%d m tiles), "
+               "v2 %s T=%d N=%d D=%d H=%d %s: %d blocks (%d/direction%s) x %d threads; %d rows/block (%d m tiles), "
                "%d k steps of %d in %d splits of %d (%d in registers, %d in shared memory); %d n tiles in chunks "
-               "of %d; smem %.1f KiB; ring %.1f KiB; %d regs/thread",
-               p.time_steps, p.batch, p.directions, p.hidden, v2_precision_name(p.precision, p.elem_bytes), p.blocks,
-               p.blocks_per_dir, p.threads, p.rows_per_block, p.m_tiles, p.k_steps, p.k_tile, p.k_splits,
-               p.k_steps_per_warp, p.k_steps_per_warp - p.smem_steps, p.smem_steps, p.n_tiles, p.chunk_tiles,
-               kib(p.smem_bytes), kib(static_cast<double>(v2_ring_bytes(p))), p.regs_per_thread);
+               "of %d; smem %.1f KiB; ring %.1f KiB%s; %d regs/thread",
+               p.mode == kV2ModeCluster ? "cluster" : "ring", p.time_steps, p.batch, p.directions, p.hidden,
+               v2_precision_name(p.precision, p.elem_bytes), p.blocks, p.blocks_per_dir, groups, p.threads,
+               p.rows_per_block, p.m_tiles, p.k_steps, p.k_tile, p.k_splits, p.k_steps_per_warp,
+               p.k_steps_per_warp - p.smem_steps, p.smem_steps, p.n_tiles, p.chunk_tiles, kib(p.smem_bytes),
+               kib(static_cast<double>(p.mode == kV2ModeCluster
+                                           ? static_cast<long long>(kV2RingSlots) * p.group_tiles * kV2BatchTile * p.b_row_words * 8
+                                           : v2_ring_bytes(p))),
+               p.mode == kV2ModeCluster ? " in each block's shared memory" : " in global memory", p.regs_per_thread);
 }
 
 }  // namespace prnn

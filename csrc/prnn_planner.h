@@ -48,6 +48,11 @@ struct DeviceLimits {
   size_t smem_per_sm;             // bytes, whole SM
   size_t smem_per_block_optin;    // bytes, after cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
   size_t smem_reserved_per_block; // bytes the runtime keeps per block (1 KiB on sm_80+)
+  // Thread-block clusters (sm_90+; 0 on older devices): the largest cluster a kernel may be launched
+  // with (16 on H100/H200 with the non-portable size allowed), and how many clusters of the planned
+  // shape run at once (cudaOccupancyMaxActiveClusters; 0 = not yet known: SMs / cluster size assumed).
+  int max_cluster_blocks = 0;
+  int max_active_clusters = 0;
 };
 
 struct ProblemShape {
@@ -139,7 +144,21 @@ PRNN_HD int plan_k_end(const Plan& p, int k_split) {
 //     memory at once with cp.async (one L2 round trip per chunk and step, no registers held), check
 //     their tags there, re-poll only the words that were not ready, and the warps read their B
 //     fragments from the staged words.
+//
+// Two exchange modes (PlanV2::mode):
+//   * ring (mode G, any device with mma.sync): the ring above, in global memory; one block per SM,
+//     every block of a direction reads every other's rows, so all blocks must be resident.
+//   * cluster (mode C, sm_90 thread-block clusters): a direction's blocks_per_dir blocks form one
+//     cluster (at most max_cluster_blocks) and each keeps its own two-slot ring in shared memory:
+//     a block pushes each word of its rows into every peer's ring (mapa + st.shared::cluster, the
+//     same 8-byte words and tags), and polls only its own shared memory. No global memory in the
+//     loop. The batch is cut into `groups` of group_tiles tiles of 8 sequences; each (group,
+//     direction) pair is its own cluster with its own copy of the weights, so clusters never talk
+//     to each other and need not all be resident (in `auto` the planner asks for one wave).
+//     Block b: rank b % blocks_per_dir (its rows), direction (b / blocks_per_dir) % D, group
+//     b / (blocks_per_dir * D). In ring mode groups = 1 and the same formulas hold.
 enum V2Precision : int { kV2Mma16 = 0, kV2Tf32 = 1, kV2Tf32x3 = 3 };
+enum V2Mode : int { kV2ModeAuto = -1, kV2ModeRing = 0, kV2ModeCluster = 1 };
 // Kernel instantiations (reg_steps template values). 16 register steps (64 A registers) spill under
 // the 128-register cap of __launch_bounds__(512, 1) (ptxas, sm_80 and sm_90), so steps past 8 live in
 // shared memory.
@@ -177,12 +196,23 @@ struct PlanV2 {
   int b_row_words;      // hidden_padded / elems_per_word + 2 (the pad spreads the 8 sequences over banks)
   int smem_len_offset;  // int [batch_padded] sequence lengths, then int [n_tiles] per-step tile flags
   int smem_bytes;
-  long long ring_words; // kV2RingSlots * D * batch_padded * (hidden_padded / elems_per_word)
+  long long ring_words; // ring mode: kV2RingSlots * D * batch_padded * (hidden_padded / elems_per_word); cluster: 0
+  int mode;             // V2Mode (kV2ModeRing or kV2ModeCluster)
+  int groups;           // sequence groups (clusters per direction); 1 in ring mode
+  int group_tiles;      // n tiles per group (the last group may have fewer); n_tiles in ring mode
+  int waves;            // cluster mode: ceil(groups * D / resident clusters); 1 in ring mode
+  // Cluster mode: the region at smem_b_offset is the block's ring, kV2RingSlots slots of
+  // group_tiles * 8 rows of b_row_words words; the B fragments are read from it in place.
 };
 
 // precision: kV2Mma16 for 16-bit storage (elem_bytes 2), kV2Tf32 or kV2Tf32x3 for fp32.
+// make_plan_v2 is mode kV2ModeAuto: cluster mode where the device has clusters, the layer fits one
+// cluster and the batch needs one wave of clusters; else ring mode. A forced mode that cannot plan
+// is refused with its reason (cluster mode forced may take several waves).
 bool make_plan_v2(const DeviceLimits& dev, const ProblemShape& shape, int precision, int regs_per_thread,
                   PlanV2* plan, char* reason, size_t reason_len);
+bool make_plan_v2_mode(const DeviceLimits& dev, const ProblemShape& shape, int precision, int regs_per_thread,
+                       int mode, PlanV2* plan, char* reason, size_t reason_len);
 bool check_plan_v2(const DeviceLimits& dev, const PlanV2& plan, char* reason, size_t reason_len);
 void describe_plan_v2(const PlanV2& plan, char* out, size_t out_len);
 // Bytes of the exchange ring (the workspace holds it after its header).
@@ -191,7 +221,13 @@ inline long long v2_ring_bytes(const PlanV2& p) { return p.ring_words * 8; }
 // any plan of the shape can need (the ring does not depend on the tiling).
 long long v2_ring_bytes_for(int batch, int directions, int hidden, int elem_bytes);
 
-PRNN_HD int v2_direction(const PlanV2& p, int block) { return block / p.blocks_per_dir; }
+PRNN_HD int v2_direction(const PlanV2& p, int block) { return (block / p.blocks_per_dir) % p.directions; }
+PRNN_HD int v2_group(const PlanV2& p, int block) { return block / (p.blocks_per_dir * p.directions); }
+PRNN_HD int v2_tile_begin(const PlanV2& p, int group) { return group * p.group_tiles; }
+PRNN_HD int v2_tile_end(const PlanV2& p, int group) {
+  const int e = (group + 1) * p.group_tiles;
+  return e < p.n_tiles ? e : p.n_tiles;
+}
 PRNN_HD int v2_row_begin(const PlanV2& p, int block) { return (block % p.blocks_per_dir) * p.rows_per_block; }
 PRNN_HD int v2_rows_in_block(const PlanV2& p, int block) {
   const int rest = p.hidden - v2_row_begin(p, block);
@@ -204,8 +240,15 @@ PRNN_HD int v2_k_steps_in_split(const PlanV2& p, int k_split) {
   const int rest = p.k_steps - v2_k_step_begin(p, k_split);
   return rest < p.k_steps_per_warp ? (rest > 0 ? rest : 0) : p.k_steps_per_warp;
 }
-// The block that produces state row `row` of direction d (the owner of that output row).
-PRNN_HD int v2_producer_block(const PlanV2& p, int d, int row) { return d * p.blocks_per_dir + row / p.rows_per_block; }
+// The block that produces state row `row` of direction d for sequence group g (the owner of that row).
+PRNN_HD int v2_producer_block(const PlanV2& p, int g, int d, int row) {
+  return (g * p.directions + d) * p.blocks_per_dir + row / p.rows_per_block;
+}
+// Cluster mode: word index, from the start of a block's ring (smem_b_offset), of slot `slot`, row
+// `local_seq` (the sequence's index within its group) and word `kword` along k.
+PRNN_HD int v2_cluster_word(const PlanV2& p, int slot, int local_seq, int kword) {
+  return (slot * p.group_tiles * 8 + local_seq) * p.b_row_words + kword;
+}
 // Word index in the ring: slot, direction, sequence, word along k (k / elems_per_word).
 PRNN_HD long long v2_ring_index(const PlanV2& p, int slot, int d, int n, int kword) {
   const long long words_per_row = p.hidden_padded / p.elems_per_word;

@@ -25,9 +25,14 @@
 // Every wait is bounded (globaltimer): past the bound a block records who it waited for and all
 // blocks leave; the launch then reports PRNN_STATUS_TIMEOUT through the workspace's status record.
 //
+// Cluster mode (sm_90, prnn_planner.h): the same words and tags, but each block's ring lives in its
+// own shared memory; a block pushes each word into every peer of its cluster (DSMEM) and polls only
+// locally; B fragments are read from the ring in place. A cluster barrier at the start (rings zeroed
+// everywhere before any push) and at the end (no block leaves while a peer may still push into it).
+//
 // Status: compiled in CI (sm_80, sm_90) with ptxas resource checks; run on CPU threads by
-// csrc/tests/prnn_v2_emulation_test.cpp (fragments, the whole kernel for bf16/fp16/fp32 and the
-// exchange under a memory that delays writes and returns stale values); NOT yet run on a GPU.
+// csrc/tests/prnn_v2_emulation_test.cpp (fragments, the whole kernel for bf16/fp16/fp32 in both modes
+// and the exchange under a memory that delays writes and returns stale values); NOT yet run on a GPU.
 #pragma once
 
 #include <stdint.h>
@@ -110,6 +115,53 @@ __device__ __forceinline__ void async_copy16(void* smem_dst, const void* gmem_sr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src) : "memory");
 }
 __device__ __forceinline__ void async_copy_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Cluster mode (sm_90). Compiled for sm_80 too (the kernel is one template), where the planner never
+// chooses cluster mode: there these trap.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define PRNN_HAS_CLUSTERS 1
+#endif
+// Every thread of every block of the cluster arrives; shared-memory writes before it are visible to
+// the cluster after it (release / acquire).
+__device__ __forceinline__ void cluster_sync_all() {
+#ifdef PRNN_HAS_CLUSTERS
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// One exchange word into block `rank` of the cluster, at the offset `local` has in this block's
+// shared memory (the peers' layouts are the same): one 8-byte store, single-copy atomic.
+__device__ __forceinline__ void cluster_store(unsigned long long* local, unsigned int rank, unsigned long long v) {
+#ifdef PRNN_HAS_CLUSTERS
+  const unsigned int addr = static_cast<unsigned int>(__cvta_generic_to_shared(local));
+  unsigned int remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("st.relaxed.cluster.shared::cluster.b64 [%0], %1;" ::"r"(remote), "l"(v) : "memory");
+#else
+  (void)local, (void)rank, (void)v;
+  __trap();
+#endif
+}
+// A word of this block's ring, as the peers' stores leave it (never a value kept in a register).
+__device__ __forceinline__ unsigned long long cluster_poll_load(const unsigned long long* local) {
+  const unsigned int addr = static_cast<unsigned int>(__cvta_generic_to_shared(local));
+  unsigned long long v;
+#ifdef PRNN_HAS_CLUSTERS
+  asm volatile("ld.relaxed.cluster.shared::cta.b64 %0, [%1];" : "=l"(v) : "r"(addr) : "memory");
+#else
+  asm volatile("ld.volatile.shared.b64 %0, [%1];" : "=l"(v) : "r"(addr) : "memory");
+#endif
+  return v;
+}
+// Orders this thread's earlier shared-memory reads (and the block's, after a __syncthreads) before
+// its later stores into the peers, as the peers observe them: a slot is overwritten only after it
+// was read.
+__device__ __forceinline__ void fence_cluster() {
+#ifdef PRNN_HAS_CLUSTERS
+  asm volatile("fence.acq_rel.cluster;" ::: "memory");
+#endif
+}
 #endif  // PRNN_HOST_EMULATION
 
 // Exchange word: payload in the low 32 bits, then 8 bits of payload check, then 24 bits of step.
@@ -219,6 +271,35 @@ __device__ __forceinline__ uint32_t v2_payload(float e0, float e1) {
 // previous step's state from the ring (bit 2: from h0, forward step 0).
 enum : int { kTileActive = 1, kTileFromRing = 2, kTileFromH0 = 4 };
 
+// Re-reads one exchange word with `load` until it carries step `expected` intact (w: the first value
+// read, then the word's payload). True when the launch is being abandoned: a tag above the awaited one
+// (a slot overwritten before it was read), another block gave up, or the wait passed its bound.
+template <class Load>
+__device__ __forceinline__ bool v2_await_word(const KernelArgs& a, Load load, unsigned long long& w, unsigned int expected,
+                                              int s, int producer) {
+  unsigned int polls = 0;
+  unsigned long long first_check_ns = 0;
+  while (!(v2_word_step(w) == expected && v2_word_intact(w))) {
+    if (v2_word_step(w) > expected && v2_word_intact(w)) {
+      record_exchange_failure(a, kKernelExchangeProtocol, s, producer, v2_word_step(w));
+      return true;
+    }
+    if (++polls % kExchangePollsPerClockCheck == 0) {
+      if (load_acquire_gpu(a.status + kStatusCode) != kKernelOk) return true;  // another block gave up
+      const unsigned long long now = global_timer_ns();
+      if (first_check_ns == 0) {
+        first_check_ns = now;
+      } else if (now - first_check_ns > a.barrier_timeout_ns) {
+        record_exchange_failure(a, kKernelExchangeTimeout, s, producer, 0u);
+        return true;
+      }
+    }
+    barrier_poll_pause();
+    w = load();
+  }
+  return false;
+}
+
 // Stages the exchange words of the chunk's tiles in b_s (shared memory): every thread starts the
 // asynchronous copies of its word pairs at once, then checks its own words there and re-polls, one
 // by one, only those that did not yet carry step s's tag. Tiles without ring input get their h0
@@ -226,7 +307,7 @@ enum : int { kTileActive = 1, kTileFromRing = 2, kTileFromH0 = 4 };
 // launch is being abandoned (a bound expired, the protocol broke, or another block gave up).
 template <typename T, int kPrec>
 __device__ __forceinline__ bool v2_stage(const PlanV2& p, const KernelArgs& a, unsigned long long* b_s,
-                                         const int* flags_s, int c0, int tiles_here, int s, int d) {
+                                         const int* flags_s, int c0, int tiles_here, int s, int d, int g) {
   constexpr int kEpw = kPrec == kV2Mma16 ? 2 : 1;
   const int Kw = p.hidden_padded / kEpw, pairs_per_row = Kw / 2;
   const int items = tiles_here * kV2BatchTile * pairs_per_row;
@@ -269,34 +350,51 @@ __device__ __forceinline__ bool v2_stage(const PlanV2& p, const KernelArgs& a, u
         continue;
       }
       unsigned long long w = *dst;
-      unsigned int polls = 0;
-      unsigned long long first_check_ns = 0;
-      while (!(v2_word_step(w) == expected && v2_word_intact(w))) {
-        if (v2_word_step(w) > expected && v2_word_intact(w)) {  // a slot overwritten before it was read
-          record_exchange_failure(a, kKernelExchangeProtocol, s, v2_producer_block(p, d, kw * kEpw), v2_word_step(w));
-          abandon = true;
-          break;
-        }
-        if (++polls % kExchangePollsPerClockCheck == 0) {
-          if (load_acquire_gpu(a.status + kStatusCode) != kKernelOk) {
-            abandon = true;  // another block gave up
-            break;
-          }
-          const unsigned long long now = global_timer_ns();
-          if (first_check_ns == 0) {
-            first_check_ns = now;
-          } else if (now - first_check_ns > a.barrier_timeout_ns) {
-            record_exchange_failure(a, kKernelExchangeTimeout, s, v2_producer_block(p, d, kw * kEpw), 0u);
-            abandon = true;
-            break;
-          }
-        }
-        barrier_poll_pause();
-        w = ring_load(a.ring + v2_ring_index(p, slot, d, n, kw));
-      }
+      const unsigned long long* src = a.ring + v2_ring_index(p, slot, d, n, kw);
+      abandon = v2_await_word(a, [src] { return ring_load(src); }, w, expected, s, v2_producer_block(p, g, d, kw * kEpw));
       if (abandon) break;
       *dst = w;
     }
+  }
+  return abandon;
+}
+
+// Cluster mode: the chunk's words are read in place from this block's ring slot (s-1) & 1, where the
+// peers pushed them. Each thread polls its words of tiles with ring input (only its own shared
+// memory: no global round trip); tiles that start from h0 (forward, step 0) or from zero (backward,
+// a tile that begins late) get their words written here, by this block, as no peer writes that slot
+// for them. Padding (k past H, sequences past N) stays zero from the start of the launch. Returns
+// true when the launch is being abandoned.
+template <typename T, int kPrec>
+__device__ __forceinline__ bool v2_wait_cluster(const PlanV2& p, const KernelArgs& a, unsigned long long* ring_s,
+                                                const int* flags_s, int c0, int t_begin, int tiles_here, int s, int d,
+                                                int g) {
+  constexpr int kEpw = kPrec == kV2Mma16 ? 2 : 1;
+  const int Kw = p.hidden_padded / kEpw;
+  const int items = tiles_here * kV2BatchTile * Kw;
+  const unsigned int expected = static_cast<unsigned int>(s);
+  const int slot = (s - 1) & 1;
+  bool abandon = false;
+  for (int idx = threadIdx.x; idx < items && !abandon; idx += blockDim.x) {
+    const int row = idx / Kw, kw = idx - row * Kw;  // row = tt * 8 + j
+    const int tile = c0 + row / kV2BatchTile, n = tile * kV2BatchTile + row % kV2BatchTile;
+    const int f = flags_s[tile];
+    unsigned long long* word = ring_s + v2_cluster_word(p, slot, (c0 - t_begin) * kV2BatchTile + row, kw);
+    if (!(f & kTileActive)) continue;  // no MMA reads it (and a peer may still be storing there)
+    if (!(f & kTileFromRing)) {
+      uint32_t payload = 0u;
+      const int k = kw * kEpw;
+      if ((f & kTileFromH0) && n < p.batch && k < p.hidden) {
+        const T* h0 = static_cast<const T*>(a.h0) + (static_cast<size_t>(n) * p.directions + d) * p.hidden;
+        payload = v2_payload<T>(Elem<T>::load(h0 + k), (kEpw == 2 && k + 1 < p.hidden) ? Elem<T>::load(h0 + k + 1) : 0.0f);
+      }
+      *word = v2_word(expected, payload);
+      continue;
+    }
+    if (n >= p.batch || kw * kEpw >= p.hidden) continue;  // never written: zero payload
+    unsigned long long w = cluster_poll_load(word);
+    abandon = v2_await_word(a, [word] { return cluster_poll_load(word); }, w, expected, s,
+                            v2_producer_block(p, g, d, kw * kEpw));
   }
   return abandon;
 }
@@ -336,7 +434,9 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
   int* flags_s = len_s + p.batch_padded;
 
   const int H = p.hidden, N = p.batch, D = p.directions, T_steps = p.time_steps;
-  const int d = v2_direction(p, blockIdx.x);
+  const int d = v2_direction(p, blockIdx.x), g = v2_group(p, blockIdx.x);
+  const bool cluster = p.mode == kV2ModeCluster;  // block-uniform
+  const int t_begin = v2_tile_begin(p, g), t_end = v2_tile_end(p, g);  // this block's n tiles
   const int row0 = v2_row_begin(p, blockIdx.x);
   const int rows = v2_rows_in_block(p, blockIdx.x);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -366,13 +466,19 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
   }
 
   if (!kBackward && a.h_last != nullptr) {  // sequences of length 0 never step: their last state is h0
-    for (int idx = threadIdx.x; idx < rows * N; idx += blockDim.x) {
-      const int n = idx / rows, i = row0 + idx % rows;
+    const int n_begin = t_begin * kV2BatchTile, n_count = min(N, t_end * kV2BatchTile) - n_begin;  // the group's
+    for (int idx = threadIdx.x; idx < rows * n_count; idx += blockDim.x) {
+      const int n = n_begin + idx / rows, i = row0 + idx % rows;
       if (sequence_length(a, n, T_steps) == 0) {
         const size_t o = (static_cast<size_t>(n) * D + d) * H + i;
         Elem<T>::store(static_cast<T*>(a.h_last) + o, a.h0 != nullptr ? Elem<T>::load(static_cast<const T*>(a.h0) + o) : 0.0f);
       }
     }
+  }
+  if (cluster) {  // the ring starts as zeros (tag 0, zero payload), in every block before any peer writes
+    const int ring_words = kV2RingSlots * p.group_tiles * kV2BatchTile * p.b_row_words;
+    for (int i = threadIdx.x; i < ring_words; i += blockDim.x) b_s[i] = 0ull;
+    cluster_sync_all();
   }
   __syncthreads();
 
@@ -380,7 +486,7 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
   for (int s = 0; s < steps; ++s) {
     const int pos = kBackward ? T_steps - 1 - s : s;     // -1: the dh0 step
     const int prev_pos = kBackward ? pos + 1 : pos - 1;  // the position step s-1 handled
-    for (int tile = threadIdx.x; tile < p.n_tiles; tile += blockDim.x) {
+    for (int tile = t_begin + static_cast<int>(threadIdx.x); tile < t_end; tile += blockDim.x) {
       int f = 0;
       if (v2_tile_active(p, len_s, tile, pos)) {
         f = kTileActive;
@@ -390,8 +496,8 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
       flags_s[tile] = f;
     }
     __syncthreads();
-    for (int c0 = 0; c0 < p.n_tiles; c0 += p.chunk_tiles) {
-      const int tiles_here = min(p.chunk_tiles, p.n_tiles - c0);
+    for (int c0 = t_begin; c0 < t_end; c0 += p.chunk_tiles) {
+      const int tiles_here = min(p.chunk_tiles, t_end - c0);
       const int row_words = (rows + kEpw - 1) / kEpw;
       const int items = row_words * tiles_here * kV2BatchTile;  // epilogue items of the chunk
       float pre_x[kEpw], pre_y[kEpw];                            // this thread's first item's operands
@@ -401,8 +507,14 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         const int L = (static_cast<int>(threadIdx.x) < items && n < N) ? len_s[n] : 0;
         v2_epilogue_operands<T, kBackward, kEpw>(p, a, d, row0, rows, pos, n, L, rw, pre_x, pre_y);
       }
-      // Stage the previous state of the chunk (one round trip to L2 for all of it).
-      if (__syncthreads_or(v2_stage<T, kPrec>(p, a, b_s, flags_s, c0, tiles_here, s, d))) return;
+      // Ring mode: stage the previous state of the chunk (one round trip to L2 for all of it).
+      // Cluster mode: wait until the peers' words of the chunk have landed in this block's ring.
+      const bool abandon = cluster ? v2_wait_cluster<T, kPrec>(p, a, b_s, flags_s, c0, t_begin, tiles_here, s, d, g)
+                                   : v2_stage<T, kPrec>(p, a, b_s, flags_s, c0, tiles_here, s, d, g);
+      if (__syncthreads_or(abandon)) goto leave;
+      // Where the chunk's B words are: the staging buffer, or (cluster) the ring slot in place.
+      const unsigned long long* b_chunk =
+          cluster ? b_s + v2_cluster_word(p, (s - 1) & 1, (c0 - t_begin) * kV2BatchTile, 0) : b_s;
 
       // Matrix phase: every warp, every tile with an input, its m tile over its k range.
       for (int tt = 0; tt < tiles_here; ++tt) {
@@ -412,7 +524,7 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         constexpr bool kDual = kPrec != kV2Tf32x3;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         // B payloads: the low 32 bits of the staged words (word = 2 uint32, payload first).
-        const uint32_t* b_row = reinterpret_cast<const uint32_t*>(b_s + (tt * kV2BatchTile + frag::group_id(lane)) * p.b_row_words +
+        const uint32_t* b_row = reinterpret_cast<const uint32_t*>(b_chunk + (tt * kV2BatchTile + frag::group_id(lane)) * p.b_row_words +
                                                                   (lane & 3));
 #pragma unroll
         for (int i = 0; i < kRegSteps; ++i) {
@@ -442,6 +554,7 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         }
       }
       __syncthreads();
+      if (cluster) fence_cluster();  // the block's reads of the slot come before its stores into peers
 
       // Epilogue: one thread per (row word, sequence): sum the k-split partials, apply the
       // activation (or its derivative), write the outputs and publish the word for the next step.
@@ -499,12 +612,21 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         if ((f & kTileActive) && s + 1 < steps && publishes) {
           const uint32_t payload = v2_payload<T>(out[0], out[kEpw - 1]);
           const unsigned long long word = v2_word(static_cast<unsigned int>(s + 1), payload);
-          ring_store(a.ring + v2_ring_index(p, s & 1, d, n, (row0 + rw * kEpw) / kEpw), word);
+          const int kw = (row0 + rw * kEpw) / kEpw;
+          if (cluster) {  // into every block of the cluster (this one too), slot s & 1
+            unsigned long long* local = b_s + v2_cluster_word(p, s & 1, n - t_begin * kV2BatchTile, kw);
+            for (int r = 0; r < p.blocks_per_dir; ++r) cluster_store(local, static_cast<unsigned int>(r), word);
+          } else {
+            ring_store(a.ring + v2_ring_index(p, s & 1, d, n, kw), word);
+          }
         }
       }
       __syncthreads();  // red_s, b_s and flags_s are reused
     }
   }
+leave:
+  // Cluster mode: no block leaves while a peer may still store into its shared memory.
+  if (cluster) cluster_sync_all();
 }
 
 // Kernel entry points (prnn_v2_forward.cu / prnn_v2_backward.cu); null for an unknown combination.

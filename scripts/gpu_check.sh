@@ -8,8 +8,9 @@
 #   2. JIT build of csrc/ (CUDA variant)                 -> OUTDIR/build.log
 #   3. the op and network tests: `cuda`-marked ones and the quick CPU op tests, against the CUDA build
 #                                                        -> OUTDIR/pytest.log, OUTDIR/pytest.xml
-#   3b. kernel v2 (PRNN_VARIANT=v2): prnn_test's matrix and the cuda op tests again
-#                                                        -> OUTDIR/pytest_v2.log, OUTDIR/pytest_v2.xml
+#   3b. kernel v2 (PRNN_VARIANT=v2): prnn_test's matrix and the cuda op tests again, then the op tests
+#       with ring mode forced (PRNN_V2_MODE=ring; auto picks cluster mode for most small shapes on sm_90)
+#                                                        -> OUTDIR/pytest_v2{,_ring}.log, .xml
 #   4. the grid-barrier microbenchmark on its own        -> OUTDIR/barrier.json
 #   5. `asr bench rnn`: issue 11's target configurations, v1 and v2 beside cuDNN
 #                                                        -> OUTDIR/bench_targets*.json
@@ -117,6 +118,16 @@ if [ "${status_build%%,*}" = passed ]; then
   fi
   tail -15 "$OUT/pytest_v2.log"
 
+  # Auto picks cluster mode for most of these shapes on sm_90: ring mode forced once more (PRNN_V2_MODE).
+  stage "kernel v2, ring mode forced (PRNN_V2_MODE=ring): the cuda op tests"
+  if PRNN_VARIANT=v2 PRNN_V2_MODE=ring timeout "$(cap 100)" "$PY" -m pytest -p no:cacheprovider -q -rs -m "cuda" \
+      --junitxml="$OUT/pytest_v2_ring.xml" tests/test_ops_cuda.py >"$OUT/pytest_v2_ring.log" 2>&1; then
+    :
+  else
+    status_v2=failed
+  fi
+  tail -5 "$OUT/pytest_v2_ring.log"
+
   stage "grid-barrier microbenchmark"
   if timeout 60 "$PY" - "$OUT/barrier.json" >"$OUT/barrier.log" 2>&1 <<'EOF'
 import json, sys
@@ -139,7 +150,7 @@ EOF
   stage "benchmark: target configurations"
   status_bench=passed
   timeout "$(cap 120)" "$PY" -m asr.cli bench rnn --hidden 1152 --batch 4,64 --dtype bfloat16,float32 --directions 1 \
-      --backends persistent,persistent_v2,cudnn --out "$OUT/bench_targets.json" --no-plot \
+      --backends persistent,persistent_v2,persistent_v2_ring,cudnn --out "$OUT/bench_targets.json" --no-plot \
       >"$OUT/bench_targets.log" 2>&1 || status_bench=failed
   tail -4 "$OUT/bench_targets.log"
   timeout "$(cap 60)" "$PY" -m asr.cli bench rnn --hidden 1024 --batch 8,16,32,64 --dtype float16 --directions 1 --modes fwd \
@@ -204,7 +215,7 @@ for name in ("bench_targets.json", "bench_targets_fp16.json"):
     if (out / name).is_file():
         report = json.loads((out / name).read_text())
         summary["device"] = report["device"]
-        targets += [r for r in report["results"] if r["backend"] in ("persistent", "persistent_v2")]
+        targets += [r for r in report["results"] if r["backend"].startswith("persistent")]
 summary["targets"] = targets
 summary["train_step"] = []
 for path in sorted(out.glob("bench_train_*.json")):
@@ -225,7 +236,7 @@ for blocks, us in summary.get("barrier_us", {}).items():
 
 
 def goal(r):  # issue 11's targets (H100/H200, ratios from the same run)
-    if r["backend"] != "persistent_v2":
+    if not r["backend"].startswith("persistent_v2"):
         return ""
     if r["dtype"] == "bfloat16" and r["hidden"] == 1152:
         return "<= 1.0 us and >= 10x" if r["batch"] == 4 else "<= 2.5 us and >= 3x" if r["batch"] == 64 else ""
@@ -236,9 +247,9 @@ def goal(r):  # issue 11's targets (H100/H200, ratios from the same run)
     return ""
 
 
-print(f"{'backend':<15}{'dtype':<9}{'mode':<7}{'H':>6}{'N':>4}{'us/step':>10}{'TFLOP/s':>9}{'x cuDNN':>9}{'error':>10}   target")
+print(f"{'backend':<22}{'dtype':<9}{'mode':<7}{'H':>6}{'N':>4}{'us/step':>10}{'TFLOP/s':>9}{'x cuDNN':>9}{'error':>10}   target")
 for r in targets:
-    head = f"{r['backend']:<15}{r['dtype']:<9}{r['mode']:<7}{r['hidden']:>6}{r['batch']:>4}"
+    head = f"{r['backend']:<22}{r['dtype']:<9}{r['mode']:<7}{r['hidden']:>6}{r['batch']:>4}"
     if r["us_per_step"] is None:
         print(f"{head}  n/a: {r['error'][:60]}")
         continue

@@ -120,10 +120,11 @@ def test_fp32_kernels_emulated_on_cpu_threads(tmp_path):
 
 def test_v2_kernel_emulated_on_cpu_threads(tmp_path):
     """Kernel v2 on CPU threads: fragment layouts against the PTX tables, emulated mma.sync bit for bit
-    against a naive GEMM, the planner on A100/H100/H200/L4, the whole kernel (bf16, fp16, 1xTF32,
-    3xTF32; forward and backward; ragged) against a float64 oracle, the exchange protocol under a
-    memory that delays stores and serves stale loads (bitwise equal to plain memory over many seeds),
-    and a block that never publishes timing out with a record naming it."""
+    against a naive GEMM, the planner on A100/H100/H200/L4 (ring and cluster modes), the whole kernel
+    (bf16, fp16, 1xTF32, 3xTF32; forward and backward; ragged; ring mode and cluster mode, whose
+    blocks push into each other's shared memory) against a float64 oracle, the exchange protocol of
+    both modes under a memory that delays stores and serves stale loads (bitwise equal to plain
+    memory over many seeds), and a block that never publishes timing out with a record naming it."""
     cxx = find_cxx()
     nvcc = find_nvcc()
     if cxx is None or nvcc is None:
@@ -139,10 +140,15 @@ def test_v2_kernel_emulated_on_cpu_threads(tmp_path):
     result = run([str(exe)], timeout=EMULATION_TIMEOUT_S)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "v2 emulation test: 0 failures" in result.stdout
-    # Every kernel case and both protocol runs printed a verdict (a case that silently did not run fails).
-    assert len(re.findall(r"^ok   .*tolerance", result.stdout, re.M)) == 7, result.stdout
-    assert len(re.findall(r"^ok   protocol .*: 0 failed, 0 differ", result.stdout, re.M)) == 2, result.stdout
-    assert re.search(r"^ok   timeout .*status 2 after", result.stdout, re.M), result.stdout
+    # Every kernel case and every protocol run printed a verdict (a case that silently did not run fails):
+    # 7 in ring mode, 5 in cluster mode (sm_90's DSMEM exchange), each plan in the mode it names.
+    assert len(re.findall(r"^ok   .*tolerance", result.stdout, re.M)) == 12, result.stdout
+    assert len(re.findall(r"^ok   cluster .*tolerance .*\[v2 cluster ", result.stdout, re.M)) == 5, result.stdout
+    assert len(re.findall(r"^ok   protocol .*\(ring mode\).*: 0 failed, 0 differ", result.stdout, re.M)) == 2, result.stdout
+    assert len(re.findall(r"^ok   protocol .*\(cluster mode\).*: 0 failed, 0 differ", result.stdout, re.M)) == 1, result.stdout
+    assert len(re.findall(r"^ok   timeout .*status 2 after", result.stdout, re.M)) == 2, result.stdout
+    # The shape cluster mode is for: H=1152 bf16 with two directions at N=4 is one 15-block cluster per direction.
+    assert re.search(r"^planner v2: H100 H=1152 N=4 D=2 bf16: v2 cluster .*\(15/direction = one cluster", result.stdout, re.M), result.stdout
 
 
 # The register count every v2 plan assumes (prnn_planner.h: kKernelMaxRegsPerThread).

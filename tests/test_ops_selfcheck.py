@@ -110,4 +110,9 @@ def test_the_switch_is_validated(monkeypatch):
     monkeypatch.setenv("ASR_AUTO_CHECK", "0")
     assert not selfcheck.enabled()
     monkeypatch.setenv("PRNN_VARIANT", "v2")
-    assert selfcheck.variant() == "v2"
+    monkeypatch.delenv("PRNN_V2_MODE", raising=False)
+    assert selfcheck.variant() == "v2/auto"
+    monkeypatch.setenv("PRNN_V2_MODE", "ring")  # another kernel: another first-use check
+    assert selfcheck.variant() == "v2/ring"
+    monkeypatch.setenv("PRNN_VARIANT", "v1")
+    assert selfcheck.variant() == "v1"

@@ -49,15 +49,20 @@ HIDDEN_SIZES = (512, 1024, 1152, 1760, 2048, 2560)  # 1024: cuDNN's PERSIST_STAT
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 TIME_STEPS = 200
 DTYPES = ("float32", "float16", "bfloat16")
-BACKENDS = ("persistent", "persistent_v2", "cudnn", "reference")
-# Backends that are the persistent op with one kernel variant forced (PRNN_VARIANT, read per call by the
-# C API): "persistent" runs whatever PRNN_VARIANT says (v1 by default).
-VARIANT_BACKENDS = {"persistent_v2": "v2"}
+BACKENDS = ("persistent", "persistent_v2", "persistent_v2_ring", "persistent_v2_cluster", "cudnn", "reference")
+# Backends that are the persistent op with one kernel variant forced (PRNN_VARIANT and PRNN_V2_MODE, read
+# per call by the C API): "persistent" runs whatever PRNN_VARIANT says (v1 by default); persistent_v2 lets
+# the planner pick v2's exchange mode (its row's plan says which), the other two force ring / cluster mode.
+VARIANT_BACKENDS = {"persistent_v2": {"PRNN_VARIANT": "v2"},
+                    "persistent_v2_ring": {"PRNN_VARIANT": "v2", "PRNN_V2_MODE": "ring"},
+                    "persistent_v2_cluster": {"PRNN_VARIANT": "v2", "PRNN_V2_MODE": "cluster"}}
 MODES = ("fwd", "fwdbwd")
 QUICK = dict(hidden=(256,), batch=(1, 4, 16), time_steps=50, dtype=("float32",))  # --quick
 CPU_DEFAULT = QUICK  # a CPU run without explicit sizes: minutes, not the hours of the GPU sweep
 CPU_LABELS = {"cudnn": "torch.nn.RNN (cpu)", "persistent": "persistent (C++ cpu loop)", "reference": "reference (cpu)",
-              "persistent_v2": "persistent v2 (a CUDA kernel: not on cpu)"}
+              "persistent_v2": "persistent v2 (a CUDA kernel: not on cpu)",
+              "persistent_v2_ring": "persistent v2, ring mode (a CUDA kernel: not on cpu)",
+              "persistent_v2_cluster": "persistent v2, cluster mode (a CUDA kernel: not on cpu)"}
 TARGET_SECONDS_PER_CONFIG = 0.15  # timed repetitions stop after about this long (after warm-up)
 MIN_REPEATS = 5
 MAX_REPEATS = 50
@@ -208,25 +213,31 @@ def _time_runs(step, device, max_repeats: int) -> tuple[float, int]:
 
 
 def measure(backend, mode, dtype_name, hidden, batch, time_steps, directions, activation, device, max_repeats):
-    """One backend on one configuration. Variant backends set PRNN_VARIANT for the measurement only."""
+    """One backend on one configuration. Variant backends set their environment for the measurement only."""
     import os
 
     variant = VARIANT_BACKENDS.get(backend)
     if variant is not None and device.type != "cuda":
         return Measurement(backend, mode, dtype_name, hidden, batch, time_steps, directions, None, None, 0,
                            error="kernel v2 is a CUDA kernel", label=backend_label(backend, device.type))
-    previous = os.environ.get("PRNN_VARIANT")
+    names = ("PRNN_VARIANT", "PRNN_V2_MODE")
+    previous = {name: os.environ.get(name) for name in names}
     if variant is not None:
-        os.environ["PRNN_VARIANT"] = variant
+        for name in names:
+            if name in variant:
+                os.environ[name] = variant[name]
+            else:
+                os.environ.pop(name, None)
     try:
         return _measure(backend, "persistent" if variant is not None else backend, mode, dtype_name, hidden, batch,
                         time_steps, directions, activation, device, max_repeats)
     finally:
         if variant is not None:
-            if previous is None:
-                os.environ.pop("PRNN_VARIANT", None)
-            else:
-                os.environ["PRNN_VARIANT"] = previous
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _plan_text(op_backend, dtype, hidden, batch, time_steps, directions, activation, device) -> str | None:
@@ -379,7 +390,8 @@ def plot(measurements: list[Measurement], path: Path, title: str) -> str | None:
         m.dtype in DTYPES for m in measurements) else str)
     modes = [mode for mode in MODES if any(m.mode == mode for m in measurements)]
     hiddens = sorted({m.hidden for m in measurements})
-    styles = {"persistent": "-", "persistent_v2": "-.", "cudnn": "--", "reference": ":"}
+    styles = {"persistent": "-", "persistent_v2": "-.", "persistent_v2_ring": (0, (3, 1, 1, 1)),
+              "persistent_v2_cluster": (0, (1, 1)), "cudnn": "--", "reference": ":"}
     figure, axes = plt.subplots(len(dtypes), len(modes), figsize=(6 * len(modes), 4 * len(dtypes)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, dtype in enumerate(dtypes):

@@ -65,11 +65,15 @@ def enabled() -> bool:
 
 
 def variant() -> str:
-    return os.environ.get("PRNN_VARIANT", "") or "v1"
+    """The kernel the C API will run: PRNN_VARIANT, and for v2 / auto the exchange mode (PRNN_V2_MODE)."""
+    name = os.environ.get("PRNN_VARIANT", "") or "v1"
+    if name in ("v2", "auto"):
+        name += "/" + (os.environ.get("PRNN_V2_MODE", "") or "auto")
+    return name
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    if dtype == torch.float32 and variant() in ("v2", "auto") and os.environ.get("PRNN_V2_FP32") == "tf32":
+    if dtype == torch.float32 and variant().split("/")[0] in ("v2", "auto") and os.environ.get("PRNN_V2_FP32") == "tf32":
         return TF32_TOLERANCE
     return TOLERANCE[dtype]
 

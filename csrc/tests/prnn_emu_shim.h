@@ -46,16 +46,27 @@ struct EmuWarp {
   alignas(16) unsigned char scratch[2048] = {};  // warp-collective operands (votes, mma fragments)
 };
 
+// A block's shared memory is its own vector, or (clusters: the peers address each other's) a slice of
+// one buffer that the launcher owns; either way it starts as 0xFF bytes.
 struct EmuBlock {
   std::barrier<> sync;
   std::vector<std::unique_ptr<EmuWarp>> warps;
   std::vector<unsigned char> smem;
+  unsigned char* smem_base;
   std::atomic<int> votes[2] = {0, 0};  // __syncthreads_or, alternating between calls
-  EmuBlock(int threads, size_t smem_bytes) : sync(threads), smem(smem_bytes, 0xFF) {
+  EmuBlock(int threads, size_t smem_bytes, unsigned char* external = nullptr)
+      : sync(threads), smem(external != nullptr ? 0 : smem_bytes, 0xFF), smem_base(external != nullptr ? external : smem.data()) {
+    if (external != nullptr) memset(external, 0xFF, smem_bytes);
     for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<EmuWarp>());
   }
 };
 thread_local EmuBlock* g_block = nullptr;
+// A thread-block cluster: barrier.cluster over all threads of its blocks.
+struct EmuCluster {
+  std::barrier<> sync;
+  explicit EmuCluster(int threads) : sync(threads) {}
+};
+thread_local EmuCluster* g_cluster = nullptr;
 thread_local unsigned int g_or_calls = 0;
 
 inline void __syncthreads() { g_block->sync.arrive_and_wait(); }
@@ -126,7 +137,7 @@ inline int __any_sync(unsigned int, int predicate) {
 inline int __ffs(unsigned int x) { return x == 0 ? 0 : __builtin_ctz(x) + 1; }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 template <typename T> inline T __ldg(const T* p) { return *p; }
-inline unsigned char* dynamic_smem() { return g_block->smem.data(); }
+inline unsigned char* dynamic_smem() { return g_block->smem_base; }
 using std::max;
 using std::min;
 

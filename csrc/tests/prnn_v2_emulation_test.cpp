@@ -196,8 +196,11 @@ inline std::mt19937& thread_rng() {
   return t_rng;
 }
 
-inline unsigned long long ring_load(const unsigned long long* p) {
-  RingMemory& m = g_ring;
+// The exchange words as the kernel sees them: the global ring (ring mode) and the blocks' shared
+// memory (cluster mode: the peers' pushes and the owner's polls), each plain or adversarial.
+RingMemory g_dsmem;
+
+inline unsigned long long adversarial_load(RingMemory& m, const unsigned long long* p) {
   if (!m.adversarial) return std::atomic_ref<unsigned long long>(*const_cast<unsigned long long*>(p)).load();
   std::lock_guard<std::mutex> lock(m.mutex);
   ++m.tick;
@@ -211,8 +214,7 @@ inline unsigned long long ring_load(const unsigned long long* p) {
   return std::atomic_ref<unsigned long long>(m.base[i]).load();
 }
 
-inline void ring_store(unsigned long long* p, unsigned long long v) {
-  RingMemory& m = g_ring;
+inline void adversarial_store(RingMemory& m, unsigned long long* p, unsigned long long v) {
   if (!m.adversarial) {
     std::atomic_ref<unsigned long long>(*p).store(v);
     return;
@@ -234,6 +236,28 @@ inline void ring_store(unsigned long long* p, unsigned long long v) {
   }
   m.flush_due();
 }
+
+inline unsigned long long ring_load(const unsigned long long* p) { return adversarial_load(g_ring, p); }
+inline void ring_store(unsigned long long* p, unsigned long long v) { adversarial_store(g_ring, p, v); }
+
+// Cluster mode: blocks are laid out g_smem_stride bytes apart in one buffer, so a peer's word is at
+// the same offset in its slice (what mapa computes on the GPU); clusters are g_cluster_blocks
+// consecutive blocks (1-D clusters, rank = blockIdx.x % size).
+size_t g_smem_stride = 0;
+int g_cluster_blocks = 1;
+inline void cluster_sync_all() { g_cluster->sync.arrive_and_wait(); }
+inline void cluster_store(unsigned long long* local, unsigned int rank, unsigned long long v) {
+  const long long peer = static_cast<long long>(blockIdx.x / g_cluster_blocks) * g_cluster_blocks + rank;
+  if (rank >= static_cast<unsigned int>(g_cluster_blocks)) {
+    printf("FAIL: cluster store to rank %u of a %d-block cluster\n", rank, g_cluster_blocks);
+    exit(1);
+  }
+  unsigned char* target = reinterpret_cast<unsigned char*>(local) + (peer - static_cast<long long>(blockIdx.x)) *
+                                                                     static_cast<long long>(g_smem_stride);
+  adversarial_store(g_dsmem, reinterpret_cast<unsigned long long*>(target), v);
+}
+inline unsigned long long cluster_poll_load(const unsigned long long* local) { return adversarial_load(g_dsmem, local); }
+inline void fence_cluster() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // cp.async of two exchange words: each read through the (possibly adversarial) ring memory.
 inline void async_copy16(void* dst, const void* src) {
@@ -279,6 +303,7 @@ using prnn::DeviceLimits;
 using prnn::KernelArgs;
 using prnn::PlanV2;
 using prnn::g_ring;
+using prnn::RingMemory;
 namespace frag = prnn::frag;
 
 constexpr size_t kThreadStackBytes = 256 * 1024;
@@ -369,22 +394,50 @@ void test_layouts() {
 }
 
 // ---- thread launching ----
+// cluster_blocks > 0: the grid is cut into clusters of that many consecutive blocks, whose shared
+// memories are slices of one buffer (g_dsmem's memory, so that peers can store into each other's).
+std::vector<unsigned long long> g_cluster_smem;
+
 template <class Body>
-void run_threads(int blocks, int threads, size_t smem_bytes, Body body) {
+void run_threads(int blocks, int threads, size_t smem_bytes, Body body, int cluster_blocks = 0) {
   blockDim.x = threads;
   gridDim.x = blocks;
   std::vector<std::unique_ptr<EmuBlock>> bs;
-  for (int b = 0; b < blocks; ++b) bs.push_back(std::make_unique<EmuBlock>(threads, smem_bytes));
+  std::vector<std::unique_ptr<EmuCluster>> clusters;
+  if (cluster_blocks > 0) {
+    if (blocks % cluster_blocks != 0) {
+      printf("FAIL: a grid of %d blocks is not made of clusters of %d\n", blocks, cluster_blocks);
+      exit(1);
+    }
+    prnn::g_smem_stride = (smem_bytes + 15) / 16 * 16;
+    prnn::g_cluster_blocks = cluster_blocks;
+    g_cluster_smem.assign(prnn::g_smem_stride / 8 * blocks, 0ull);
+    RingMemory& m = prnn::g_dsmem;
+    m.base = g_cluster_smem.data();
+    m.words = g_cluster_smem.size();
+    m.previous.assign(m.words, 0ull);  // a stale read before any push: the zeros the kernel starts the ring with
+    m.pending.clear();
+    m.last_due.clear();
+    for (int c = 0; c < blocks / cluster_blocks; ++c) clusters.push_back(std::make_unique<EmuCluster>(cluster_blocks * threads));
+  }
+  for (int b = 0; b < blocks; ++b) {
+    unsigned char* external =
+        cluster_blocks > 0 ? reinterpret_cast<unsigned char*>(g_cluster_smem.data()) + b * prnn::g_smem_stride : nullptr;
+    bs.push_back(std::make_unique<EmuBlock>(threads, smem_bytes, external));
+  }
   struct Start {
     Body* body;
     EmuBlock* block;
+    EmuCluster* cluster;
     unsigned int b, t;
     std::atomic<bool>* go;
   };
   std::atomic<bool> go{false};  // every thread waits until all exist (no poller starves the creation)
   std::vector<Start> starts;
   for (int b = 0; b < blocks; ++b)
-    for (int t = 0; t < threads; ++t) starts.push_back({&body, bs[b].get(), static_cast<unsigned>(b), static_cast<unsigned>(t), &go});
+    for (int t = 0; t < threads; ++t)
+      starts.push_back({&body, bs[b].get(), cluster_blocks > 0 ? clusters[b / cluster_blocks].get() : nullptr,
+                        static_cast<unsigned>(b), static_cast<unsigned>(t), &go});
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, kThreadStackBytes);
@@ -396,6 +449,7 @@ void run_threads(int blocks, int threads, size_t smem_bytes, Body body) {
       threadIdx.x = s.t;
       blockIdx.x = s.b;
       g_block = s.block;
+      g_cluster = s.cluster;
       prnn::t_rng_seeded = false;
       (*s.body)();
       return nullptr;
@@ -479,10 +533,12 @@ void test_mma_tf32(std::mt19937& rng) {
 }
 
 // ---- 3. the planner on real devices ----
-DeviceLimits device_a100() { return {108, 65536, 65536, 2048, 1024, 32, 167936, 166912, 1024}; }
-DeviceLimits device_h100() { return {132, 65536, 65536, 2048, 1024, 32, 233472, 232448, 1024}; }
-DeviceLimits device_h200() { return {132, 65536, 65536, 2048, 1024, 32, 233472, 232448, 1024}; }
-DeviceLimits device_l4() { return {58, 65536, 65536, 1536, 1024, 24, 102400, 101376, 1024}; }
+DeviceLimits device_a100() { return {108, 65536, 65536, 2048, 1024, 32, 167936, 166912, 1024, 0, 0}; }
+// H100/H200: clusters of up to 16 blocks (non-portable size); how many run at once is left to the
+// runtime's count (0 here: the planner assumes SMs / cluster size).
+DeviceLimits device_h100() { return {132, 65536, 65536, 2048, 1024, 32, 233472, 232448, 1024, 16, 0}; }
+DeviceLimits device_h200() { return {132, 65536, 65536, 2048, 1024, 32, 233472, 232448, 1024, 16, 0}; }
+DeviceLimits device_l4() { return {58, 65536, 65536, 1536, 1024, 24, 102400, 101376, 1024, 0, 0}; }
 
 int kernel_exists(const PlanV2& p) {
   bool ok = false;
@@ -542,7 +598,60 @@ void test_planner() {
                ok ? text : why);
         if (prec == prnn::kV2Mma16) EXPECT(ok, "H100 bf16 H=%d N=%d must have a v2 plan: %s", H, N, why);
       }
-  printf("planner v2: %d plans checked, %d refusals\n", plans, refusals);
+  // Cluster mode on the H100's limits: what auto picks for the shapes, and forced cluster plans.
+  int cluster_plans = 0;
+  for (int prec : {prnn::kV2Mma16, prnn::kV2Tf32x3})
+    for (int H : {256, 512, 1024, 1152, 1536, 2048})
+      for (int D = 1; D <= 2; ++D)
+        for (int N : {1, 4, 8, 16, 64, 200}) {
+          const prnn::ProblemShape shape = {200, N, D, H, prec == prnn::kV2Mma16 ? 2 : 4};
+          for (int mode : {prnn::kV2ModeAuto, prnn::kV2ModeCluster}) {
+            PlanV2 p;
+            char why[768] = "";
+            if (!prnn::make_plan_v2_mode(device_h100(), shape, prec, prnn::kKernelMaxRegsPerThread, mode, &p, why, sizeof(why))) {
+              EXPECT(strstr(why, "KiB") != nullptr || strstr(why, "warps") != nullptr, "cluster refusal without numbers: %s", why);
+              if (mode == prnn::kV2ModeAuto) {  // auto refuses only what ring mode refuses too
+                PlanV2 ring;
+                EXPECT(!prnn::make_plan_v2_mode(device_h100(), shape, prec, prnn::kKernelMaxRegsPerThread, prnn::kV2ModeRing,
+                                                &ring, nullptr, 0),
+                       "H100 auto H=%d N=%d D=%d refused what ring mode plans: %s", H, N, D, why);
+              }
+              continue;
+            }
+            char again[512] = "";
+            EXPECT(prnn::check_plan_v2(device_h100(), p, again, sizeof(again)), "H100 H=%d: re-check: %s", H, again);
+            EXPECT(kernel_exists(p), "H100 H=%d: plan wants %d register steps, not instantiated", H, p.reg_steps);
+            if (p.mode != prnn::kV2ModeCluster) continue;
+            ++cluster_plans;
+            EXPECT(p.blocks_per_dir <= 16 && p.groups * p.group_tiles >= p.n_tiles && p.waves >= 1,
+                   "H100 H=%d N=%d: cluster plan of %d blocks, %d groups of %d tiles", H, N, p.blocks_per_dir, p.groups,
+                   p.group_tiles);
+            if (mode == prnn::kV2ModeAuto) EXPECT(p.waves == 1, "auto chose cluster mode with %d waves", p.waves);
+          }
+        }
+  for (int H : {1152, 2048})
+    for (int prec : {prnn::kV2Mma16, prnn::kV2Tf32x3})
+      for (int D : {1, 2})
+        for (int N : {4, 16, 64}) {
+          PlanV2 p;
+          char why[768] = "";
+          const prnn::ProblemShape shape = {200, N, D, H, prec == prnn::kV2Mma16 ? 2 : 4};
+          const bool ok = prnn::make_plan_v2_mode(device_h100(), shape, prec, prnn::kKernelMaxRegsPerThread,
+                                                  prnn::kV2ModeCluster, &p, why, sizeof(why));
+          char text[768] = "";
+          if (ok) prnn::describe_plan_v2(p, text, sizeof(text));
+          printf("planner v2 cluster: H100 H=%d N=%d D=%d %s: %s\n", H, N, D, prec == prnn::kV2Mma16 ? "bf16" : "fp32 3xTF32",
+                 ok ? text : why);
+        }
+  {  // the case the cluster mode is for: H=1152 bf16, one direction, N=4, planned as one cluster by auto
+    PlanV2 p;
+    char why[768] = "";
+    const prnn::ProblemShape shape = {200, 4, 1, 1152, 2};
+    const bool ok = prnn::make_plan_v2(device_h100(), shape, prnn::kV2Mma16, prnn::kKernelMaxRegsPerThread, &p, why, sizeof(why));
+    EXPECT(ok && p.mode == prnn::kV2ModeCluster && p.blocks_per_dir <= 16,
+           "H100 H=1152 bf16 N=4: auto should plan one cluster (%s)", ok ? "got ring mode" : why);
+  }
+  printf("planner v2: %d plans checked, %d refusals; %d cluster plans on H100 limits\n", plans, refusals, cluster_plans);
 }
 
 // ---- 4-6. the whole kernel ----
@@ -556,6 +665,7 @@ struct Case {
   int T, N, D, H;
   prnnActivation_t act;
   bool ragged, with_h0, with_dh_last, with_dh0;
+  int mode = prnn::kV2ModeAuto;  // the plan's exchange mode (auto: what the planner picks)
 };
 
 // Storage rounding of the exchange type (bf16, fp16, or none for fp32).
@@ -624,6 +734,7 @@ void launch_v2(const Case& c, const PlanV2& p, KernelArgs args, bool backward, s
   g_ring.previous.assign(ring.size(), 0ull);
   g_ring.pending.clear();
   g_ring.last_due.clear();
+  const bool cluster = p.mode == prnn::kV2ModeCluster;
   run_threads(p.blocks, p.threads, p.smem_bytes, [&] {
     const Dt dt = c.dt;
     if (dt == Dt::kBf16) {
@@ -635,8 +746,9 @@ void launch_v2(const Case& c, const PlanV2& p, KernelArgs args, bool backward, s
     } else {
       backward ? dispatch_reg_steps<float, prnn::kV2Tf32x3, true>(p, args) : dispatch_reg_steps<float, prnn::kV2Tf32x3, false>(p, args);
     }
-  });
+  }, cluster ? p.blocks_per_dir : 0);
   g_ring.flush_all();
+  if (cluster) prnn::g_dsmem.flush_all();
 }
 
 // Runs forward then backward through the emulated kernel. y for backward: the kernel's own forward y.
@@ -789,8 +901,13 @@ Buffers make_inputs(const Case& c, std::mt19937& rng) {
 bool plans_for(const Case& c, PlanV2* pf, PlanV2* pb) {
   const prnn::ProblemShape shape = {c.T, c.N, c.D, c.H, c.dt == Dt::kFp32 ? 4 : 2};
   char why[768] = "";
-  if (!prnn::make_plan_v2(c.device, shape, c.precision, prnn::kKernelMaxRegsPerThread, pf, why, sizeof(why))) {
+  if (!prnn::make_plan_v2_mode(c.device, shape, c.precision, prnn::kKernelMaxRegsPerThread, c.mode, pf, why, sizeof(why))) {
     printf("FAIL %s: no plan: %s\n", c.name, why);
+    ++g_failures;
+    return false;
+  }
+  if (c.mode != prnn::kV2ModeAuto && pf->mode != c.mode) {
+    printf("FAIL %s: mode %d planned, %d asked for\n", c.name, pf->mode, c.mode);
     ++g_failures;
     return false;
   }
@@ -838,17 +955,21 @@ void run_protocol(const Case& c, int seeds, std::mt19937& rng) {
   unsigned long long delayed = 0, stale = 0;
   int mismatches = 0, failures = 0;
   for (int seed = 1; seed <= seeds; ++seed) {
-    g_ring.adversarial = true;
-    g_ring.seed = static_cast<unsigned int>(seed);
-    g_ring.p_delay = 0.5;
-    g_ring.p_stale = 0.3;
-    g_ring.max_delay = 50 + 50 * (seed % 4);
-    g_ring.delayed = g_ring.stale = 0;
+    for (RingMemory* m : {&g_ring, &prnn::g_dsmem}) {  // global ring (ring mode), shared memory (cluster mode)
+      m->adversarial = true;
+      m->seed = static_cast<unsigned int>(seed);
+      m->p_delay = 0.5;
+      m->p_stale = 0.3;
+      m->max_delay = 50 + 50 * (seed % 4);
+      m->delayed = m->stale = 0;
+    }
     Outputs got;
     const bool ok = run_both(c, pf, pb, in, &got, kLongTimeoutNs, -1);
-    g_ring.adversarial = false;
-    delayed += g_ring.delayed;
-    stale += g_ring.stale;
+    for (RingMemory* m : {&g_ring, &prnn::g_dsmem}) {
+      m->adversarial = false;
+      delayed += m->delayed;
+      stale += m->stale;
+    }
     if (!ok) {
       ++failures;
       printf("FAIL %s seed %d: status %u (block %u step %u producer %u tag %u)\n", c.name, seed, got.status[0],
@@ -861,8 +982,9 @@ void run_protocol(const Case& c, int seeds, std::mt19937& rng) {
                       memcmp(got.dh0.data(), plain.dh0.data(), 4 * got.dh0.size()) == 0;
     mismatches += !same;
   }
-  printf("%s protocol %s: %d seeds, %llu stores delayed, %llu stale loads: %d failed, %d differ from plain memory\n",
-         failures + mismatches ? "FAIL" : "ok  ", c.name, seeds, delayed, stale, failures, mismatches);
+  printf("%s protocol %s (%s mode): %d seeds, %llu stores delayed, %llu stale loads: %d failed, %d differ from plain memory\n",
+         failures + mismatches ? "FAIL" : "ok  ", c.name, pf.mode == prnn::kV2ModeCluster ? "cluster" : "ring", seeds, delayed,
+         stale, failures, mismatches);
   EXPECT(delayed > 0 && stale > 0, "%s: the adversarial memory did nothing", c.name);
   g_failures += failures + mismatches;
 }
@@ -900,8 +1022,8 @@ void run_timeout(const Case& c, std::mt19937& rng) {
 
 // Small made-up devices: SMs, registers per SM/block, threads per SM/block, blocks per SM,
 // shared memory per SM / per block (opt-in) / reserved.
-DeviceLimits small_device(int sms, int max_warps, size_t smem) {
-  DeviceLimits d = {sms, 65536, max_warps * 32 * 128, 2048, max_warps * 32, 32, smem + 1024, smem, 1024};
+DeviceLimits small_device(int sms, int max_warps, size_t smem, int max_cluster = 0, int active_clusters = 0) {
+  DeviceLimits d = {sms, 65536, max_warps * 32 * 128, 2048, max_warps * 32, 32, smem + 1024, smem, 1024, max_cluster, active_clusters};
   return d;
 }
 
@@ -932,6 +1054,27 @@ int main(int argc, char** argv) {
     if (quick && &c != &cases[0]) break;
     run_case(c, rng);
   }
+  // Cluster mode (sm_90's DSMEM exchange), on made-up devices with clusters of at most 4 / 3 / 5 blocks.
+  const DeviceLimits cdev = small_device(8, 16, 96 * 1024, 4, 8);   // 8 clusters at once: one group per tile
+  const DeviceLimits cdev3 = small_device(6, 16, 96 * 1024, 3, 0);  // 2 clusters at once (6 SMs / 3)
+  const DeviceLimits cdev2w = small_device(5, 2, 96 * 1024, 5, 0);  // 2 warps: A steps in shared memory
+  const DeviceLimits csmall = small_device(8, 16, 16 * 1024, 4, 1); // one cluster: a group of 3 tiles, chunks of 1
+  const int C = prnn::kV2ModeCluster;
+  const Case cluster_cases[] = {
+      {"cluster bf16 fwd+bwd D=2 H=64 N=19 relu ragged, 3 groups", cdev, Dt::kBf16, prnn::kV2Mma16, 5, 19, 2, 64, PRNN_ACT_RELU, true, true, true, true, C},
+      {"cluster fp32 3xTF32 D=1 H=48 N=12 tanh ragged", cdev3, Dt::kFp32, prnn::kV2Tf32x3, 4, 12, 1, 48, PRNN_ACT_TANH, true, true, true, true, C},
+      {"cluster fp16 clipped relu H=160 smem A steps", cdev2w, Dt::kFp16, prnn::kV2Mma16, 4, 9, 1, 160, PRNN_ACT_CLIPPED_RELU, true, true, false, true, C},
+      {"cluster bf16 D=1 H=64 N=20 chunks in a group", csmall, Dt::kBf16, prnn::kV2Mma16, 4, 20, 1, 64, PRNN_ACT_RELU, true, false, true, true, C},
+      {"cluster fp32 1xTF32 D=2 H=40 N=8 relu", cdev, Dt::kFp32, prnn::kV2Tf32, 4, 8, 2, 40, PRNN_ACT_RELU, false, true, true, false, C},
+  };
+  for (const Case& c : cluster_cases) {
+    if (quick && &c != &cluster_cases[0]) break;
+    run_case(c, rng);
+  }
+  const Case cproto = {"cluster bf16 D=2 H=48 N=10 ragged", cdev, Dt::kBf16, prnn::kV2Mma16, 4, 10, 2, 48, PRNN_ACT_RELU, true, true, true, true, C};
+  run_protocol(cproto, quick ? 2 : 12, rng);
+  const Case cto = {"timeout cluster bf16 D=1 H=64 N=4", cdev, Dt::kBf16, prnn::kV2Mma16, 4, 4, 1, 64, PRNN_ACT_RELU, false, false, false, false, C};
+  run_timeout(cto, rng);
   const Case proto = {"bf16 D=2 H=48 N=10 ragged", dev4, Dt::kBf16, prnn::kV2Mma16, 4, 10, 2, 48, PRNN_ACT_RELU, true, true, true, true};
   run_protocol(proto, quick ? 2 : 12, rng);
   const Case proto32 = {"fp32 3xTF32 D=1 H=32 N=17 ragged", dev4, Dt::kFp32, prnn::kV2Tf32x3, 4, 17, 1, 32, PRNN_ACT_TANH, true, false, true, true};
