@@ -327,8 +327,7 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
   const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
   const long long red_bytes = static_cast<long long>(p.k_splits) * p.chunk_tiles * kV2BatchTile * p.rows_per_block * 4;
   const long long len_bytes = static_cast<long long>(p.batch_padded + p.n_tiles) * 4;  // lengths, tile flags
-  const long long b_rows = cluster ? static_cast<long long>(kV2RingSlots) * p.group_tiles * kV2BatchTile
-                                   : static_cast<long long>(p.chunk_tiles) * kV2BatchTile;
+  const long long b_rows = cluster ? v2_cluster_ring_rows(p) : static_cast<long long>(p.chunk_tiles) * kV2BatchTile;
   const long long b_bytes = b_rows * p.b_row_words * 8;
   if (p.b_row_words != p.hidden_padded / p.elems_per_word + 2 || p.smem_a_offset != 0 ||
       p.smem_red_offset % kSmemAlign || p.smem_b_offset % kSmemAlign || p.smem_len_offset % kSmemAlign ||
@@ -448,12 +447,21 @@ bool v2_warps(const DeviceLimits& dev, int rows_per_block, const char* where, Pl
   return true;
 }
 
+// Bytes of the shared-memory regions that do not depend on the exchange mode: the A steps kept there,
+// the lengths and tile flags, and the partial sums of one tile of 8 sequences.
+struct V2SmemParts {
+  long long a_bytes, len_bytes, red_per_tile;
+};
+V2SmemParts v2_smem_parts(const PlanV2& p) {
+  return {static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16,
+          round_up(static_cast<long long>(p.batch_padded + p.n_tiles) * 4, kSmemAlign),
+          static_cast<long long>(p.k_splits) * kV2BatchTile * p.rows_per_block * 4};
+}
+
 // Lays out shared memory: A steps, partial sums of chunk_tiles tiles, `b_rows` rows of exchange words,
 // lengths and flags; then occupancy and the full re-check.
 bool v2_finish(const DeviceLimits& dev, long long b_rows, PlanV2* p, char* reason, size_t len) {
-  const long long a_bytes = static_cast<long long>(p->warps) * p->smem_steps * kWarpSize * 16;
-  const long long red_per_tile = static_cast<long long>(p->k_splits) * kV2BatchTile * p->rows_per_block * 4;
-  const long long len_bytes = round_up(static_cast<long long>(p->batch_padded + p->n_tiles) * 4, kSmemAlign);
+  const auto [a_bytes, len_bytes, red_per_tile] = v2_smem_parts(*p);
   p->smem_a_offset = 0;
   p->smem_red_offset = static_cast<int>(round_up(a_bytes, kSmemAlign));
   p->smem_b_offset = static_cast<int>(p->smem_red_offset + round_up(p->chunk_tiles * red_per_tile, kSmemAlign));
@@ -489,9 +497,7 @@ bool plan_v2_ring(const DeviceLimits& dev, const ProblemShape& s, int precision,
   p.waves = 1;
   p.blocks = p.blocks_per_dir * s.directions;
   const long long usable = static_cast<long long>(usable_smem_per_block(dev));
-  const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
-  const long long len_bytes = round_up(static_cast<long long>(p.batch_padded + p.n_tiles) * 4, kSmemAlign);
-  const long long red_per_tile = static_cast<long long>(p.k_splits) * kV2BatchTile * p.rows_per_block * 4;
+  const auto [a_bytes, len_bytes, red_per_tile] = v2_smem_parts(p);
   const long long b_per_tile = static_cast<long long>(kV2BatchTile) * p.b_row_words * 8;
   const long long per_tile = red_per_tile + b_per_tile;
   const long long room = usable - a_bytes - len_bytes - 2 * kSmemAlign;
@@ -536,9 +542,7 @@ bool plan_v2_cluster(const DeviceLimits& dev, const ProblemShape& s, int precisi
   p.mode = kV2ModeCluster;
   p.ring_words = 0;
   const long long usable = static_cast<long long>(usable_smem_per_block(dev));
-  const long long a_bytes = static_cast<long long>(p.warps) * p.smem_steps * kWarpSize * 16;
-  const long long len_bytes = round_up(static_cast<long long>(p.batch_padded + p.n_tiles) * 4, kSmemAlign);
-  const long long red_per_tile = static_cast<long long>(p.k_splits) * kV2BatchTile * p.rows_per_block * 4;
+  const auto [a_bytes, len_bytes, red_per_tile] = v2_smem_parts(p);
   const long long ring_per_tile = static_cast<long long>(kV2RingSlots) * kV2BatchTile * p.b_row_words * 8;
   const long long room = usable - a_bytes - len_bytes - 3 * kSmemAlign;
   const double weights_mib = mib(static_cast<double>(H) * H * s.elem_bytes * s.directions);
@@ -576,7 +580,7 @@ bool plan_v2_cluster(const DeviceLimits& dev, const ProblemShape& s, int precisi
   long long chunk = (room - p.group_tiles * ring_per_tile) / red_per_tile;
   if (chunk > p.group_tiles) chunk = p.group_tiles;
   p.chunk_tiles = static_cast<int>(chunk);
-  if (!v2_finish(dev, static_cast<long long>(kV2RingSlots) * p.group_tiles * kV2BatchTile, &p, reason, len)) return false;
+  if (!v2_finish(dev, v2_cluster_ring_rows(p), &p, reason, len)) return false;
   *out = p;
   return true;
 }
@@ -624,9 +628,8 @@ void describe_plan_v2(const PlanV2& p, char* out, size_t len) {
                v2_precision_name(p.precision, p.elem_bytes), p.blocks, p.blocks_per_dir, groups, p.threads,
                p.rows_per_block, p.m_tiles, p.k_steps, p.k_tile, p.k_splits, p.k_steps_per_warp,
                p.k_steps_per_warp - p.smem_steps, p.smem_steps, p.n_tiles, p.chunk_tiles, kib(p.smem_bytes),
-               kib(static_cast<double>(p.mode == kV2ModeCluster
-                                           ? static_cast<long long>(kV2RingSlots) * p.group_tiles * kV2BatchTile * p.b_row_words * 8
-                                           : v2_ring_bytes(p))),
+               kib(static_cast<double>(p.mode == kV2ModeCluster ? static_cast<long long>(v2_cluster_ring_rows(p)) * p.b_row_words * 8
+                                                                : v2_ring_bytes(p))),
                p.mode == kV2ModeCluster ? " in each block's shared memory" : " in global memory", p.regs_per_thread);
 }
 

@@ -244,6 +244,8 @@ PRNN_HD int v2_k_steps_in_split(const PlanV2& p, int k_split) {
 PRNN_HD int v2_producer_block(const PlanV2& p, int g, int d, int row) {
   return (g * p.directions + d) * p.blocks_per_dir + row / p.rows_per_block;
 }
+// Cluster mode: rows of exchange words in a block's ring (both slots of group_tiles * 8 sequences).
+PRNN_HD int v2_cluster_ring_rows(const PlanV2& p) { return kV2RingSlots * p.group_tiles * 8; }
 // Cluster mode: word index, from the start of a block's ring (smem_b_offset), of slot `slot`, row
 // `local_seq` (the sequence's index within its group) and word `kword` along k.
 PRNN_HD int v2_cluster_word(const PlanV2& p, int slot, int local_seq, int kword) {

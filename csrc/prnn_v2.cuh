@@ -271,6 +271,16 @@ __device__ __forceinline__ uint32_t v2_payload(float e0, float e1) {
 // previous step's state from the ring (bit 2: from h0, forward step 0).
 enum : int { kTileActive = 1, kTileFromRing = 2, kTileFromH0 = 4 };
 
+// The payload of exchange word kw of sequence n's initial state h0 (forward, step 0), rounded to the
+// MMA input type; zero past H.
+template <typename T, int kEpw>
+__device__ __forceinline__ uint32_t v2_h0_payload(const PlanV2& p, const KernelArgs& a, int n, int d, int kw) {
+  const int k = kw * kEpw;
+  if (k >= p.hidden) return 0u;
+  const T* h0 = static_cast<const T*>(a.h0) + (static_cast<size_t>(n) * p.directions + d) * p.hidden;
+  return v2_payload<T>(Elem<T>::load(h0 + k), (kEpw == 2 && k + 1 < p.hidden) ? Elem<T>::load(h0 + k + 1) : 0.0f);
+}
+
 // Re-reads one exchange word with `load` until it carries step `expected` intact (w: the first value
 // read, then the word's payload). True when the launch is being abandoned: a tag above the awaited one
 // (a slot overwritten before it was read), another block gave up, or the wait passed its bound.
@@ -321,18 +331,9 @@ __device__ __forceinline__ bool v2_stage(const PlanV2& p, const KernelArgs& a, u
     if ((f & kTileFromRing) && n < p.batch && kw * kEpw < p.hidden) {
       async_copy16(dst, a.ring + v2_ring_index(p, slot, d, n, kw));
     } else {
-      uint32_t payload[2] = {0u, 0u};
-      if ((f & kTileFromH0) && n < p.batch) {  // the initial state, rounded to the MMA input type
-        const T* h0 = static_cast<const T*>(a.h0) + (static_cast<size_t>(n) * p.directions + d) * p.hidden;
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int k = (kw + j) * kEpw;
-          if (k < p.hidden)
-            payload[j] = v2_payload<T>(Elem<T>::load(h0 + k), (kEpw == 2 && k + 1 < p.hidden) ? Elem<T>::load(h0 + k + 1) : 0.0f);
-        }
-      }
-      dst[0] = v2_word(expected, payload[0]);
-      dst[1] = v2_word(expected, payload[1]);
+      const bool from_h0 = (f & kTileFromH0) && n < p.batch;
+      dst[0] = v2_word(expected, from_h0 ? v2_h0_payload<T, kEpw>(p, a, n, d, kw) : 0u);
+      dst[1] = v2_word(expected, from_h0 ? v2_h0_payload<T, kEpw>(p, a, n, d, kw + 1) : 0u);
     }
   }
   async_copy_wait_all();  // this thread's copies have landed (each thread checks only its own)
@@ -382,13 +383,7 @@ __device__ __forceinline__ bool v2_wait_cluster(const PlanV2& p, const KernelArg
     unsigned long long* word = ring_s + v2_cluster_word(p, slot, (c0 - t_begin) * kV2BatchTile + row, kw);
     if (!(f & kTileActive)) continue;  // no MMA reads it (and a peer may still be storing there)
     if (!(f & kTileFromRing)) {
-      uint32_t payload = 0u;
-      const int k = kw * kEpw;
-      if ((f & kTileFromH0) && n < p.batch && k < p.hidden) {
-        const T* h0 = static_cast<const T*>(a.h0) + (static_cast<size_t>(n) * p.directions + d) * p.hidden;
-        payload = v2_payload<T>(Elem<T>::load(h0 + k), (kEpw == 2 && k + 1 < p.hidden) ? Elem<T>::load(h0 + k + 1) : 0.0f);
-      }
-      *word = v2_word(expected, payload);
+      *word = v2_word(expected, (f & kTileFromH0) && n < p.batch ? v2_h0_payload<T, kEpw>(p, a, n, d, kw) : 0u);
       continue;
     }
     if (n >= p.batch || kw * kEpw >= p.hidden) continue;  // never written: zero payload
@@ -476,7 +471,7 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
     }
   }
   if (cluster) {  // the ring starts as zeros (tag 0, zero payload), in every block before any peer writes
-    const int ring_words = kV2RingSlots * p.group_tiles * kV2BatchTile * p.b_row_words;
+    const int ring_words = v2_cluster_ring_rows(p) * p.b_row_words;
     for (int i = threadIdx.x; i < ring_words; i += blockDim.x) b_s[i] = 0ull;
     cluster_sync_all();
   }
