@@ -15,7 +15,7 @@
 //   PRNN_V2_FP32=3xtf32|tf32  how v2 multiplies fp32 problems (default 3xtf32: about fp32 accuracy).
 //   PRNN_V2_MODE=auto|ring|cluster  v2's exchange: auto (default: cluster mode on sm_90 where the layer
 //                     fits one cluster and the batch one wave of clusters, else ring), or forced.
-//                     Cluster mode has not yet run on a GPU.
+//                     Cluster mode (st.async pushes counted by mbarriers) has not yet run on a GPU.
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,6 +98,12 @@ prnnStatus_t status_from_record(const unsigned int* r, const char* what) {
                 "%s: block %u waited more than %u ms at grid barrier %u (%u of %u blocks had arrived); "
                 "the launch gave up and its outputs are undefined",
                 what, r[kStatusBlock], r[kStatusTimeoutMs], r[kStatusGeneration], r[kStatusArrived], r[kStatusGrid]);
+  if (r[kStatusCode] == kKernelExchangeTimeout && r[kStatusArrived] == static_cast<unsigned int>(kV2UnknownProducer))
+    return fail(PRNN_STATUS_TIMEOUT,
+                "%s (v2 cluster mode): block %u waited more than %u ms at step %u for its cluster's pushes of the "
+                "previous state (the slot's mbarrier counts bytes, not senders: the missing block is not known; grid "
+                "%u); the launch gave up and its outputs are undefined",
+                what, r[kStatusBlock], r[kStatusTimeoutMs], r[kStatusGeneration], r[kStatusGrid]);
   if (r[kStatusCode] == kKernelExchangeTimeout)
     return fail(PRNN_STATUS_TIMEOUT,
                 "%s (v2): block %u waited more than %u ms at step %u for the state rows of block %u (grid %u); "

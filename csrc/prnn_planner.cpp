@@ -328,11 +328,17 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
   const long long red_bytes = static_cast<long long>(p.k_splits) * p.chunk_tiles * kV2BatchTile * p.rows_per_block * 4;
   const long long len_bytes = static_cast<long long>(p.batch_padded + p.n_tiles) * 4;  // lengths, tile flags
   const long long b_rows = cluster ? v2_cluster_ring_rows(p) : static_cast<long long>(p.chunk_tiles) * kV2BatchTile;
-  const long long b_bytes = b_rows * p.b_row_words * 8;
-  if (p.b_row_words != p.hidden_padded / p.elems_per_word + 2 || p.smem_a_offset != 0 ||
-      p.smem_red_offset % kSmemAlign || p.smem_b_offset % kSmemAlign || p.smem_len_offset % kSmemAlign ||
-      a_bytes > p.smem_red_offset || p.smem_red_offset + red_bytes > p.smem_b_offset ||
-      p.smem_b_offset + b_bytes > p.smem_len_offset || p.smem_len_offset + len_bytes > p.smem_bytes) {
+  const long long b_bytes = b_rows * p.b_row_words * p.b_word_bytes;
+  const int words_per_row = p.hidden_padded / p.elems_per_word;
+  const bool b_layout = cluster ? p.b_word_bytes == 4 && p.b_row_words == words_per_row + 4
+                                : p.b_word_bytes == 8 && p.b_row_words == words_per_row + 2;
+  const long long bar_bytes = cluster ? kV2RingSlots * 8 : 0;
+  if (!b_layout || p.smem_a_offset != 0 || p.smem_red_offset % kSmemAlign || p.smem_b_offset % kSmemAlign ||
+      p.smem_len_offset % kSmemAlign || a_bytes > p.smem_red_offset || p.smem_red_offset + red_bytes > p.smem_b_offset ||
+      p.smem_b_offset + b_bytes > p.smem_len_offset || p.smem_len_offset + len_bytes > p.smem_bytes ||
+      (cluster && (p.smem_bar_offset % 8 || p.smem_bar_offset < p.smem_len_offset + len_bytes ||
+                   p.smem_bar_offset + bar_bytes > p.smem_bytes)) ||
+      (!cluster && p.smem_bar_offset != 0)) {
     write_reason(reason, len, "v2 plan: shared-memory regions overlap or overflow");
     return false;
   }
@@ -353,9 +359,16 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
   }
   if (cluster) {
     // A cluster's blocks are co-scheduled by the hardware; clusters are independent of each other.
-    if (p.blocks_per_dir > dev.max_cluster_blocks || p.blocks_per_dir > dev.sm_count) {
-      write_reason(reason, len, "v2 plan: clusters of %d blocks, the device allows %d", p.blocks_per_dir,
+    if (p.blocks_per_dir > dev.max_cluster_blocks || p.blocks_per_dir > dev.sm_count || p.blocks_per_dir < 2) {
+      write_reason(reason, len, "v2 plan: clusters of %d blocks, the device allows 2 to %d", p.blocks_per_dir,
                    dev.max_cluster_blocks);
+      return false;
+    }
+    // One step's pushes into a slot are counted on that slot's mbarrier.
+    const long long slot_bytes = static_cast<long long>(p.group_tiles) * kV2BatchTile * words_per_row * 4;
+    if (slot_bytes > kV2MaxTxBytes) {
+      write_reason(reason, len, "v2 plan: %lld bytes per ring slot exceed an mbarrier's %lld-byte transaction count",
+                   slot_bytes, kV2MaxTxBytes);
       return false;
     }
     if (p.waves < 1) {
@@ -402,6 +415,7 @@ bool v2_common(const ProblemShape& s, int precision, int regs_per_thread, PlanV2
   p->k_steps = p->hidden_padded / p->k_tile;
   p->batch_padded = static_cast<int>(round_up(s.batch, kV2BatchTile));
   p->n_tiles = p->batch_padded / kV2BatchTile;
+  p->b_word_bytes = 8;  // ring mode's tagged words; cluster mode sets 4-byte payloads
   p->b_row_words = p->hidden_padded / p->elems_per_word + 2;
   return true;
 }
@@ -459,14 +473,20 @@ V2SmemParts v2_smem_parts(const PlanV2& p) {
 }
 
 // Lays out shared memory: A steps, partial sums of chunk_tiles tiles, `b_rows` rows of exchange words,
-// lengths and flags; then occupancy and the full re-check.
+// lengths and flags, (cluster mode) the ring slots' mbarriers; then occupancy and the full re-check.
 bool v2_finish(const DeviceLimits& dev, long long b_rows, PlanV2* p, char* reason, size_t len) {
   const auto [a_bytes, len_bytes, red_per_tile] = v2_smem_parts(*p);
   p->smem_a_offset = 0;
   p->smem_red_offset = static_cast<int>(round_up(a_bytes, kSmemAlign));
   p->smem_b_offset = static_cast<int>(p->smem_red_offset + round_up(p->chunk_tiles * red_per_tile, kSmemAlign));
-  p->smem_len_offset = static_cast<int>(p->smem_b_offset + round_up(b_rows * p->b_row_words * 8, kSmemAlign));
+  p->smem_len_offset =
+      static_cast<int>(p->smem_b_offset + round_up(b_rows * p->b_row_words * p->b_word_bytes, kSmemAlign));
   p->smem_bytes = static_cast<int>(p->smem_len_offset + len_bytes);
+  p->smem_bar_offset = 0;
+  if (p->mode == kV2ModeCluster) {
+    p->smem_bar_offset = p->smem_bytes;  // len_bytes is a multiple of 16: 8-byte aligned
+    p->smem_bytes += kV2RingSlots * 8;
+  }
   p->blocks_per_sm = blocks_per_sm_for(dev, p->threads, p->regs_per_thread, p->smem_bytes);
   if (p->blocks_per_sm < 1) {
     write_reason(reason, len, "v2: a block of %d threads and %.1f KiB shared memory cannot be resident", p->threads,
@@ -541,10 +561,19 @@ bool plan_v2_cluster(const DeviceLimits& dev, const ProblemShape& s, int precisi
     return false;
   p.mode = kV2ModeCluster;
   p.ring_words = 0;
+  if (p.blocks_per_dir < 2) {  // st.async needs a peer: a cluster of one block is undefined behaviour
+    write_reason(reason, len,
+                 "v2 cluster mode: hidden %lld fits one block of %d rows; a cluster needs at least 2 blocks "
+                 "(st.async)",
+                 H, p.rows_per_block);
+    return false;
+  }
+  p.b_word_bytes = 4;  // bare payloads: the mbarrier's byte count says when a slot is complete
+  p.b_row_words = p.hidden_padded / p.elems_per_word + 4;
   const long long usable = static_cast<long long>(usable_smem_per_block(dev));
   const auto [a_bytes, len_bytes, red_per_tile] = v2_smem_parts(p);
-  const long long ring_per_tile = static_cast<long long>(kV2RingSlots) * kV2BatchTile * p.b_row_words * 8;
-  const long long room = usable - a_bytes - len_bytes - 3 * kSmemAlign;
+  const long long ring_per_tile = static_cast<long long>(kV2RingSlots) * kV2BatchTile * p.b_row_words * p.b_word_bytes;
+  const long long room = usable - a_bytes - len_bytes - 3 * kSmemAlign - kV2RingSlots * 8;
   const double weights_mib = mib(static_cast<double>(H) * H * s.elem_bytes * s.directions);
   if (room < ring_per_tile + red_per_tile) {
     const int in_regs = p.k_steps_per_warp - p.smem_steps;
@@ -628,8 +657,9 @@ void describe_plan_v2(const PlanV2& p, char* out, size_t len) {
                v2_precision_name(p.precision, p.elem_bytes), p.blocks, p.blocks_per_dir, groups, p.threads,
                p.rows_per_block, p.m_tiles, p.k_steps, p.k_tile, p.k_splits, p.k_steps_per_warp,
                p.k_steps_per_warp - p.smem_steps, p.smem_steps, p.n_tiles, p.chunk_tiles, kib(p.smem_bytes),
-               kib(static_cast<double>(p.mode == kV2ModeCluster ? static_cast<long long>(v2_cluster_ring_rows(p)) * p.b_row_words * 8
-                                                                : v2_ring_bytes(p))),
+               kib(static_cast<double>(p.mode == kV2ModeCluster
+                                           ? static_cast<long long>(v2_cluster_ring_rows(p)) * p.b_row_words * p.b_word_bytes
+                                           : v2_ring_bytes(p))),
                p.mode == kV2ModeCluster ? " in each block's shared memory" : " in global memory", p.regs_per_thread);
 }
 

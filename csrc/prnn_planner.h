@@ -148,11 +148,12 @@ PRNN_HD int plan_k_end(const Plan& p, int k_split) {
 // Two exchange modes (PlanV2::mode):
 //   * ring (mode G, any device with mma.sync): the ring above, in global memory; one block per SM,
 //     every block of a direction reads every other's rows, so all blocks must be resident.
-//   * cluster (mode C, sm_90 thread-block clusters): a direction's blocks_per_dir blocks form one
-//     cluster (at most max_cluster_blocks) and each keeps its own two-slot ring in shared memory:
-//     a block pushes each word of its rows into every peer's ring (mapa + st.shared::cluster, the
-//     same 8-byte words and tags), and polls only its own shared memory. No global memory in the
-//     loop. The batch is cut into `groups` of group_tiles tiles of 8 sequences; each (group,
+//   * cluster (mode C, sm_90 thread-block clusters): a direction's blocks_per_dir blocks (2 to
+//     max_cluster_blocks) form one cluster and each keeps its own two-slot ring in shared memory of
+//     bare 4-byte payloads (no tags): a block pushes each payload of its rows into every peer's ring
+//     with st.async, whose completion counts its bytes on the receiving block's mbarrier of that
+//     slot; the receiver arms the barrier with the bytes the step brings and waits for the phase
+//     (one wait per step instead of a poll per word). No global memory in the loop. The batch is cut into `groups` of group_tiles tiles of 8 sequences; each (group,
 //     direction) pair is its own cluster with its own copy of the weights, so clusters never talk
 //     to each other and need not all be resident (in `auto` the planner asks for one wave).
 //     Block b: rank b % blocks_per_dir (its rows), direction (b / blocks_per_dir) % D, group
@@ -192,9 +193,13 @@ struct PlanV2 {
   int blocks_per_sm;
   int smem_a_offset;    // uint32 [warps][smem_steps][32][4]
   int smem_red_offset;  // float [k_splits][chunk_tiles * 8][rows_per_block]
-  int smem_b_offset;    // 8-byte words [chunk_tiles * 8][b_row_words]: the staged exchange words
-  int b_row_words;      // hidden_padded / elems_per_word + 2 (the pad spreads the 8 sequences over banks)
+  int smem_b_offset;    // words of b_word_bytes [rows][b_row_words]: ring mode the staged exchange words
+                        // (chunk_tiles * 8 rows), cluster mode the block's ring (v2_cluster_ring_rows)
+  int b_word_bytes;     // 8 (ring mode: tagged exchange words) or 4 (cluster mode: bare payloads)
+  int b_row_words;      // hidden_padded / elems_per_word + 2 (8-byte words) or + 4 (4-byte words): the
+                        // pad puts the 8 sequences of a B fragment in different banks
   int smem_len_offset;  // int [batch_padded] sequence lengths, then int [n_tiles] per-step tile flags
+  int smem_bar_offset;  // cluster mode: kV2RingSlots mbarriers (8 bytes each), one per ring slot; else 0
   int smem_bytes;
   long long ring_words; // ring mode: kV2RingSlots * D * batch_padded * (hidden_padded / elems_per_word); cluster: 0
   int mode;             // V2Mode (kV2ModeRing or kV2ModeCluster)
@@ -202,8 +207,10 @@ struct PlanV2 {
   int group_tiles;      // n tiles per group (the last group may have fewer); n_tiles in ring mode
   int waves;            // cluster mode: ceil(groups * D / resident clusters); 1 in ring mode
   // Cluster mode: the region at smem_b_offset is the block's ring, kV2RingSlots slots of
-  // group_tiles * 8 rows of b_row_words words; the B fragments are read from it in place.
+  // group_tiles * 8 rows of b_row_words 4-byte payloads; the B fragments are read from it in place.
 };
+// mbarrier transaction counts are limited to 2^20 - 1 bytes per phase (PTX ISA, mbarrier contents).
+constexpr long long kV2MaxTxBytes = (1 << 20) - 1;
 
 // precision: kV2Mma16 for 16-bit storage (elem_bytes 2), kV2Tf32 or kV2Tf32x3 for fp32.
 // make_plan_v2 is mode kV2ModeAuto: cluster mode where the device has clusters, the layer fits one
@@ -246,8 +253,8 @@ PRNN_HD int v2_producer_block(const PlanV2& p, int g, int d, int row) {
 }
 // Cluster mode: rows of exchange words in a block's ring (both slots of group_tiles * 8 sequences).
 PRNN_HD int v2_cluster_ring_rows(const PlanV2& p) { return kV2RingSlots * p.group_tiles * 8; }
-// Cluster mode: word index, from the start of a block's ring (smem_b_offset), of slot `slot`, row
-// `local_seq` (the sequence's index within its group) and word `kword` along k.
+// Cluster mode: payload index (4-byte units), from the start of a block's ring (smem_b_offset), of
+// slot `slot`, row `local_seq` (the sequence's index within its group) and word `kword` along k.
 PRNN_HD int v2_cluster_word(const PlanV2& p, int slot, int local_seq, int kword) {
   return (slot * p.group_tiles * 8 + local_seq) * p.b_row_words + kword;
 }

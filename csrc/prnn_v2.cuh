@@ -25,14 +25,25 @@
 // Every wait is bounded (globaltimer): past the bound a block records who it waited for and all
 // blocks leave; the launch then reports PRNN_STATUS_TIMEOUT through the workspace's status record.
 //
-// Cluster mode (sm_90, prnn_planner.h): the same words and tags, but each block's ring lives in its
-// own shared memory; a block pushes each word into every peer of its cluster (DSMEM) and polls only
-// locally; B fragments are read from the ring in place. A cluster barrier at the start (rings zeroed
-// everywhere before any push) and at the end (no block leaves while a peer may still push into it).
+// Cluster mode (sm_90, prnn_planner.h): each block's two-slot ring lives in its own shared memory and
+// holds bare 4-byte payloads (no tags). A block pushes each payload of its rows into every block of
+// its cluster with st.async, whose completion counts 4 bytes on the receiving block's mbarrier of
+// that slot (release at cluster scope). Per step, one thread of the receiver arms the slot's barrier
+// with the bytes the step brings (arrive.expect_tx; pushes that land first drive the count below zero,
+// which the PTX ISA allows, and the phase cannot complete before the arrival) and every thread waits
+// for the phase (try_wait.parity, acquire at cluster scope); the B fragments are read from the ring in
+// place. The two-slot argument is the ring mode's: a push into slot s & 1 at step s is made after its
+// producer saw the whole step s-1, i.e. after every block read slot s & 1 at step s-1 (a fence after
+// the block's __syncthreads orders those reads before its own pushes), so a push never lands in a
+// phase other than its own. A tile publishes only what the next step reads (kTileToNext), so the
+// bytes expected and the bytes pushed agree. A cluster barrier at the start (rings zeroed and barriers
+// initialised everywhere before any push) and at the end (no block leaves while a peer may still push
+// into it; after a timeout a push may still be in flight there: the launch's outputs are void then).
 //
 // Status: compiled in CI (sm_80, sm_90) with ptxas resource checks; run on CPU threads by
-// csrc/tests/prnn_v2_emulation_test.cpp (fragments, the whole kernel for bf16/fp16/fp32 in both modes
-// and the exchange under a memory that delays writes and returns stale values); NOT yet run on a GPU.
+// csrc/tests/prnn_v2_emulation_test.cpp (fragments, the whole kernel for bf16/fp16/fp32 in both modes,
+// ring mode's exchange under a memory that delays writes and returns stale values, cluster mode's
+// under pushes that land late and in any order and waits that fail spuriously); NOT yet run on a GPU.
 #pragma once
 
 #include <stdint.h>
@@ -130,29 +141,72 @@ __device__ __forceinline__ void cluster_sync_all() {
   __trap();
 #endif
 }
-// One exchange word into block `rank` of the cluster, at the offset `local` has in this block's
-// shared memory (the peers' layouts are the same): one 8-byte store, single-copy atomic.
-__device__ __forceinline__ void cluster_store(unsigned long long* local, unsigned int rank, unsigned long long v) {
+__device__ __forceinline__ unsigned int smem_address(const void* p) {
+  return static_cast<unsigned int>(__cvta_generic_to_shared(p));
+}
+// This block's mbarrier of a ring slot: `count` arrivals per phase (1: the thread that arms it).
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned int count) {
 #ifdef PRNN_HAS_CLUSTERS
-  const unsigned int addr = static_cast<unsigned int>(__cvta_generic_to_shared(local));
-  unsigned int remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
-  asm volatile("st.relaxed.cluster.shared::cluster.b64 [%0], %1;" ::"r"(remote), "l"(v) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count) : "memory");
 #else
-  (void)local, (void)rank, (void)v;
+  (void)bar, (void)count;
   __trap();
 #endif
 }
-// A word of this block's ring, as the peers' stores leave it (never a value kept in a register).
-__device__ __forceinline__ unsigned long long cluster_poll_load(const unsigned long long* local) {
-  const unsigned int addr = static_cast<unsigned int>(__cvta_generic_to_shared(local));
-  unsigned long long v;
+// Makes this thread's mbarrier.init visible to the cluster (the cluster barrier that follows orders it).
+__device__ __forceinline__ void mbar_init_fence() {
 #ifdef PRNN_HAS_CLUSTERS
-  asm volatile("ld.relaxed.cluster.shared::cta.b64 %0, [%1];" : "=l"(v) : "r"(addr) : "memory");
-#else
-  asm volatile("ld.volatile.shared.b64 %0, [%1];" : "=l"(v) : "r"(addr) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 #endif
-  return v;
+}
+// Arms the current phase: `bytes` more transaction bytes to come, and this thread's arrival. Peers'
+// bytes may land before it (the count goes negative; the phase cannot complete without the arrival).
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned int bytes) {
+#ifdef PRNN_HAS_CLUSTERS
+  asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)),
+               "r"(bytes)
+               : "memory");
+#else
+  (void)bar, (void)bytes;
+  __trap();
+#endif
+}
+// True once the phase of parity `parity` has completed; the peers' pushes it counted are then visible
+// to this thread (acquire at cluster scope: they were released by st.async's complete-tx).
+__device__ __forceinline__ bool mbar_try_wait(unsigned long long* bar, unsigned int parity) {
+#ifdef PRNN_HAS_CLUSTERS
+  unsigned int done;
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+      "selp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(done)
+      : "r"(smem_address(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+#else
+  (void)bar, (void)parity;
+  __trap();
+  return false;
+#endif
+}
+// One 4-byte payload into block `rank` of the cluster, at the offset `local` has in this block's
+// shared memory (the peers' layouts are the same); its completion counts 4 bytes on that block's
+// barrier at the offset of `local_bar`. `use`: the slot's phase it belongs to (checked by the CPU
+// emulation only).
+__device__ __forceinline__ void cluster_push(uint32_t* local, unsigned long long* local_bar, unsigned int rank,
+                                             uint32_t v, unsigned int use) {
+  (void)use;
+#ifdef PRNN_HAS_CLUSTERS
+  unsigned int remote, remote_bar;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_address(local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote_bar) : "r"(smem_address(local_bar)), "r"(rank));
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(remote), "r"(v),
+               "r"(remote_bar)
+               : "memory");
+#else
+  (void)local, (void)local_bar, (void)rank, (void)v;
+  __trap();
+#endif
 }
 // Orders this thread's earlier shared-memory reads (and the block's, after a __syncthreads) before
 // its later stores into the peers, as the peers observe them: a slot is overwritten only after it
@@ -268,8 +322,11 @@ __device__ __forceinline__ uint32_t v2_payload(float e0, float e1) {
 }
 
 // Per step and tile of 8 sequences: bit 0 = the tile takes part in the step, bit 1 = it reads the
-// previous step's state from the ring (bit 2: from h0, forward step 0).
-enum : int { kTileActive = 1, kTileFromRing = 2, kTileFromH0 = 4 };
+// previous step's state from the ring (bit 2: from h0, forward step 0), bit 3 = it publishes its state
+// for the next step (it takes part in both; = bit 1 of the next step).
+enum : int { kTileActive = 1, kTileFromRing = 2, kTileFromH0 = 4, kTileToNext = 8 };
+// The producer a record names when the waiting block cannot know which one is missing (cluster mode).
+constexpr int kV2UnknownProducer = -1;
 
 // The payload of exchange word kw of sequence n's initial state h0 (forward, step 0), rounded to the
 // MMA input type; zero past H.
@@ -281,29 +338,38 @@ __device__ __forceinline__ uint32_t v2_h0_payload(const PlanV2& p, const KernelA
   return v2_payload<T>(Elem<T>::load(h0 + k), (kEpw == 2 && k + 1 < p.hidden) ? Elem<T>::load(h0 + k + 1) : 0.0f);
 }
 
+// The bound of one wait, checked every kExchangePollsPerClockCheck polls: true when the launch is
+// being abandoned (another block gave up, or this wait passed its bound, which it records).
+struct V2Watchdog {
+  unsigned int polls = 0;
+  unsigned long long first_check_ns = 0;
+  __device__ __forceinline__ bool expired(const KernelArgs& a, int s, int producer) {
+    if (++polls % kExchangePollsPerClockCheck != 0) return false;
+    if (load_acquire_gpu(a.status + kStatusCode) != kKernelOk) return true;  // another block gave up
+    const unsigned long long now = global_timer_ns();
+    if (first_check_ns == 0) {
+      first_check_ns = now;
+    } else if (now - first_check_ns > a.barrier_timeout_ns) {
+      record_exchange_failure(a, kKernelExchangeTimeout, s, producer, 0u);
+      return true;
+    }
+    return false;
+  }
+};
+
 // Re-reads one exchange word with `load` until it carries step `expected` intact (w: the first value
 // read, then the word's payload). True when the launch is being abandoned: a tag above the awaited one
 // (a slot overwritten before it was read), another block gave up, or the wait passed its bound.
 template <class Load>
 __device__ __forceinline__ bool v2_await_word(const KernelArgs& a, Load load, unsigned long long& w, unsigned int expected,
                                               int s, int producer) {
-  unsigned int polls = 0;
-  unsigned long long first_check_ns = 0;
+  V2Watchdog watchdog;
   while (!(v2_word_step(w) == expected && v2_word_intact(w))) {
     if (v2_word_step(w) > expected && v2_word_intact(w)) {
       record_exchange_failure(a, kKernelExchangeProtocol, s, producer, v2_word_step(w));
       return true;
     }
-    if (++polls % kExchangePollsPerClockCheck == 0) {
-      if (load_acquire_gpu(a.status + kStatusCode) != kKernelOk) return true;  // another block gave up
-      const unsigned long long now = global_timer_ns();
-      if (first_check_ns == 0) {
-        first_check_ns = now;
-      } else if (now - first_check_ns > a.barrier_timeout_ns) {
-        record_exchange_failure(a, kKernelExchangeTimeout, s, producer, 0u);
-        return true;
-      }
-    }
+    if (watchdog.expired(a, s, producer)) return true;
     barrier_poll_pause();
     w = load();
   }
@@ -360,38 +426,46 @@ __device__ __forceinline__ bool v2_stage(const PlanV2& p, const KernelArgs& a, u
   return abandon;
 }
 
-// Cluster mode: the chunk's words are read in place from this block's ring slot (s-1) & 1, where the
-// peers pushed them. Each thread polls its words of tiles with ring input (only its own shared
-// memory: no global round trip); tiles that start from h0 (forward, step 0) or from zero (backward,
-// a tile that begins late) get their words written here, by this block, as no peer writes that slot
-// for them. Padding (k past H, sequences past N) stays zero from the start of the launch. Returns
-// true when the launch is being abandoned.
+// Cluster mode, step s (called before the group's first chunk): the ring slot (s-1) & 1 of this block
+// receives the previous state of the group's tiles. Thread 0 arms the slot's barrier with the bytes
+// the cluster pushes for step s (every payload of every sequence of the tiles with ring input: each
+// payload comes from exactly one block), and every thread waits for the phase: one wait for the whole
+// step, no tags. Tiles that start from h0 (forward, step 0) or from zero (backward, a tile that begins
+// late) get their payloads written here, by this block: no peer pushes those rows in that step.
+// Padding (k past H, sequences past N) stays zero from the start of the launch. Returns true when the
+// launch is being abandoned (the record cannot name a producer: the barrier counts bytes, not senders).
 template <typename T, int kPrec>
-__device__ __forceinline__ bool v2_wait_cluster(const PlanV2& p, const KernelArgs& a, unsigned long long* ring_s,
-                                                const int* flags_s, int c0, int t_begin, int tiles_here, int s, int d,
-                                                int g) {
+__device__ __forceinline__ bool v2_cluster_wait(const PlanV2& p, const KernelArgs& a, uint32_t* ring_s,
+                                                unsigned long long* bars, const int* flags_s, int t_begin, int t_end,
+                                                int s, int d) {
   constexpr int kEpw = kPrec == kV2Mma16 ? 2 : 1;
-  const int Kw = p.hidden_padded / kEpw;
-  const int items = tiles_here * kV2BatchTile * Kw;
-  const unsigned int expected = static_cast<unsigned int>(s);
+  const int Kw = (p.hidden + kEpw - 1) / kEpw;  // payloads per sequence that carry state
   const int slot = (s - 1) & 1;
-  bool abandon = false;
-  for (int idx = threadIdx.x; idx < items && !abandon; idx += blockDim.x) {
-    const int row = idx / Kw, kw = idx - row * Kw;  // row = tt * 8 + j
-    const int tile = c0 + row / kV2BatchTile, n = tile * kV2BatchTile + row % kV2BatchTile;
-    const int f = flags_s[tile];
-    unsigned long long* word = ring_s + v2_cluster_word(p, slot, (c0 - t_begin) * kV2BatchTile + row, kw);
-    if (!(f & kTileActive)) continue;  // no MMA reads it (and a peer may still be storing there)
-    if (!(f & kTileFromRing)) {
-      *word = v2_word(expected, (f & kTileFromH0) && n < p.batch ? v2_h0_payload<T, kEpw>(p, a, n, d, kw) : 0u);
-      continue;
+  if (s > 0) {
+    unsigned long long* bar = bars + slot;
+    if (threadIdx.x == 0) {
+      unsigned int bytes = 0;
+      for (int tile = t_begin; tile < t_end; ++tile)
+        if (flags_s[tile] & kTileFromRing)
+          bytes += static_cast<unsigned int>(min(kV2BatchTile, p.batch - tile * kV2BatchTile) * Kw * 4);
+      mbar_arrive_expect_tx(bar, bytes);
     }
-    if (n >= p.batch || kw * kEpw >= p.hidden) continue;  // never written: zero payload
-    unsigned long long w = cluster_poll_load(word);
-    abandon = v2_await_word(a, [word] { return cluster_poll_load(word); }, w, expected, s,
-                            v2_producer_block(p, g, d, kw * kEpw));
+    const unsigned int parity = static_cast<unsigned int>((s - 1) >> 1) & 1u;  // the slot's ((s-1)/2)-th phase
+    V2Watchdog watchdog;
+    while (!mbar_try_wait(bar, parity)) {
+      if (watchdog.expired(a, s, kV2UnknownProducer)) return true;
+      barrier_poll_pause();
+    }
   }
-  return abandon;
+  const int items = (t_end - t_begin) * kV2BatchTile * Kw;
+  for (int idx = threadIdx.x; idx < items; idx += blockDim.x) {
+    const int row = idx / Kw, kw = idx - row * Kw;  // row: the sequence's index within the group
+    const int tile = t_begin + row / kV2BatchTile, n = tile * kV2BatchTile + row % kV2BatchTile;
+    const int f = flags_s[tile];
+    if (!(f & kTileActive) || (f & kTileFromRing) || n >= p.batch) continue;
+    ring_s[v2_cluster_word(p, slot, row, kw)] = (f & kTileFromH0) ? v2_h0_payload<T, kEpw>(p, a, n, d, kw) : 0u;
+  }
+  return false;
 }
 
 // Epilogue operands of one item (sequence n, state word rw) at position pos: forward u, backward dy
@@ -424,7 +498,9 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
   unsigned char* smem = dynamic_smem();
   uint4* a_s = reinterpret_cast<uint4*>(smem + p.smem_a_offset);      // [warps][smem_steps][32] x 4 registers
   float* red_s = reinterpret_cast<float*>(smem + p.smem_red_offset);  // [k_splits][chunk_tiles*8][rows_per_block]
-  unsigned long long* b_s = reinterpret_cast<unsigned long long*>(smem + p.smem_b_offset);  // [chunk_tiles*8][b_row_words]
+  unsigned long long* b_s = reinterpret_cast<unsigned long long*>(smem + p.smem_b_offset);  // ring mode: [chunk_tiles*8][b_row_words]
+  uint32_t* ring_s = reinterpret_cast<uint32_t*>(smem + p.smem_b_offset);  // cluster mode: [2][group_tiles*8][b_row_words]
+  unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + p.smem_bar_offset);  // cluster: one per slot
   int* len_s = reinterpret_cast<int*>(smem + p.smem_len_offset);      // [batch_padded], then flags [n_tiles]
   int* flags_s = len_s + p.batch_padded;
 
@@ -470,9 +546,14 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
       }
     }
   }
-  if (cluster) {  // the ring starts as zeros (tag 0, zero payload), in every block before any peer writes
+  if (cluster) {  // zeroed rings (the MMA reads the padding, which no one writes) and initialised
+                  // barriers in every block before any peer pushes
     const int ring_words = v2_cluster_ring_rows(p) * p.b_row_words;
-    for (int i = threadIdx.x; i < ring_words; i += blockDim.x) b_s[i] = 0ull;
+    for (int i = threadIdx.x; i < ring_words; i += blockDim.x) ring_s[i] = 0u;
+    if (threadIdx.x == 0) {
+      for (int slot = 0; slot < kV2RingSlots; ++slot) mbar_init(bars + slot, 1);
+      mbar_init_fence();
+    }
     cluster_sync_all();
   }
   __syncthreads();
@@ -481,12 +562,14 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
   for (int s = 0; s < steps; ++s) {
     const int pos = kBackward ? T_steps - 1 - s : s;     // -1: the dh0 step
     const int prev_pos = kBackward ? pos + 1 : pos - 1;  // the position step s-1 handled
+    const int next_pos = kBackward ? pos - 1 : pos + 1;  // and step s+1
     for (int tile = t_begin + static_cast<int>(threadIdx.x); tile < t_end; tile += blockDim.x) {
       int f = 0;
       if (v2_tile_active(p, len_s, tile, pos)) {
         f = kTileActive;
         if (s > 0 && v2_tile_active(p, len_s, tile, prev_pos)) f |= kTileFromRing;
         if (s == 0 && !kBackward && a.h0 != nullptr) f |= kTileFromH0;
+        if (s + 1 < steps && v2_tile_active(p, len_s, tile, next_pos)) f |= kTileToNext;
       }
       flags_s[tile] = f;
     }
@@ -503,13 +586,17 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         v2_epilogue_operands<T, kBackward, kEpw>(p, a, d, row0, rows, pos, n, L, rw, pre_x, pre_y);
       }
       // Ring mode: stage the previous state of the chunk (one round trip to L2 for all of it).
-      // Cluster mode: wait until the peers' words of the chunk have landed in this block's ring.
-      const bool abandon = cluster ? v2_wait_cluster<T, kPrec>(p, a, b_s, flags_s, c0, t_begin, tiles_here, s, d, g)
+      // Cluster mode: before the group's first chunk, wait until the whole step has landed in this
+      // block's ring.
+      const bool abandon = cluster ? (c0 == t_begin && v2_cluster_wait<T, kPrec>(p, a, ring_s, bars, flags_s, t_begin,
+                                                                                 t_end, s, d))
                                    : v2_stage<T, kPrec>(p, a, b_s, flags_s, c0, tiles_here, s, d, g);
       if (__syncthreads_or(abandon)) goto leave;
-      // Where the chunk's B words are: the staging buffer, or (cluster) the ring slot in place.
-      const unsigned long long* b_chunk =
-          cluster ? b_s + v2_cluster_word(p, (s - 1) & 1, (c0 - t_begin) * kV2BatchTile, 0) : b_s;
+      // Where the chunk's B payloads are, in 4-byte units: the staged tagged words (payload first, wu
+      // = 2 units a word), or (cluster) the ring slot in place (wu = 1).
+      const int wu = p.b_word_bytes / 4;
+      const uint32_t* b_chunk = cluster ? ring_s + v2_cluster_word(p, (s - 1) & 1, (c0 - t_begin) * kV2BatchTile, 0)
+                                        : reinterpret_cast<const uint32_t*>(b_s);
 
       // Matrix phase: every warp, every tile with an input, its m tile over its k range.
       for (int tt = 0; tt < tiles_here; ++tt) {
@@ -518,13 +605,11 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         // whose extra registers spill on sm_80; its three MMAs per step are a chain either way).
         constexpr bool kDual = kPrec != kV2Tf32x3;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        // B payloads: the low 32 bits of the staged words (word = 2 uint32, payload first).
-        const uint32_t* b_row = reinterpret_cast<const uint32_t*>(b_chunk + (tt * kV2BatchTile + frag::group_id(lane)) * p.b_row_words +
-                                                                  (lane & 3));
+        const uint32_t* b_row = b_chunk + ((tt * kV2BatchTile + frag::group_id(lane)) * p.b_row_words + (lane & 3)) * wu;
 #pragma unroll
         for (int i = 0; i < kRegSteps; ++i) {
           if (i < my_steps) {  // warp-uniform
-            const uint32_t b[2] = {b_row[2 * ((step0 + i) * 8)], b_row[2 * ((step0 + i) * 8 + 4)]};
+            const uint32_t b[2] = {b_row[wu * ((step0 + i) * 8)], b_row[wu * ((step0 + i) * 8 + 4)]};
             v2_mma<T, kPrec>((kDual && (i & 1)) ? acc_odd : acc, a_reg[i], b);
           }
         }
@@ -536,7 +621,7 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
             if (h == 1 && i + 1 >= my_steps) break;
             const uint4 v = a_s[(warp * p.smem_steps + (i + h - kRegSteps)) * kWarpSize + lane];
             const uint32_t af[4] = {v.x, v.y, v.z, v.w};
-            const uint32_t b[2] = {b_row[2 * ((step0 + i + h) * 8)], b_row[2 * ((step0 + i + h) * 8 + 4)]};
+            const uint32_t b[2] = {b_row[wu * ((step0 + i + h) * 8)], b_row[wu * ((step0 + i + h) * 8 + 4)]};
             v2_mma<T, kPrec>((kDual && h == 1) ? acc_odd : acc, af, b);
           }
         }
@@ -604,15 +689,15 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
             Elem<T>::store(static_cast<T*>(a.du) + static_cast<size_t>(pos) * step_elems + nd + i, 0.0f);
           }
         }
-        if ((f & kTileActive) && s + 1 < steps && publishes) {
+        if ((f & kTileToNext) && publishes) {  // only what step s+1 reads (its kTileFromRing tiles)
           const uint32_t payload = v2_payload<T>(out[0], out[kEpw - 1]);
-          const unsigned long long word = v2_word(static_cast<unsigned int>(s + 1), payload);
           const int kw = (row0 + rw * kEpw) / kEpw;
-          if (cluster) {  // into every block of the cluster (this one too), slot s & 1
-            unsigned long long* local = b_s + v2_cluster_word(p, s & 1, n - t_begin * kV2BatchTile, kw);
-            for (int r = 0; r < p.blocks_per_dir; ++r) cluster_store(local, static_cast<unsigned int>(r), word);
+          if (cluster) {  // into every block of the cluster (this one too), slot s & 1, its (s/2)-th phase
+            uint32_t* local = ring_s + v2_cluster_word(p, s & 1, n - t_begin * kV2BatchTile, kw);
+            for (int r = 0; r < p.blocks_per_dir; ++r)
+              cluster_push(local, bars + (s & 1), static_cast<unsigned int>(r), payload, static_cast<unsigned int>(s >> 1));
           } else {
-            ring_store(a.ring + v2_ring_index(p, s & 1, d, n, kw), word);
+            ring_store(a.ring + v2_ring_index(p, s & 1, d, n, kw), v2_word(static_cast<unsigned int>(s + 1), payload));
           }
         }
       }

@@ -3,8 +3,9 @@
 # the network on it, in one command (about 8 minutes on an H100):
 #   1. environment (GPU, driver, torch, nvcc)            -> OUTDIR/env.txt
 #   1b. latency microbenchmarks (csrc/microbench, built with nvcc here): L2 round trip, hand-off between
-#      two blocks and across all blocks in kernel v2's word format, DSMEM hand-offs and cluster
-#      occupancy on sm_90                                 -> OUTDIR/microbench.json, microbench.log
+#      two blocks and across all blocks in kernel v2's word format, DSMEM hand-offs, kernel v2's
+#      cluster-mode exchange (st.async + mbarrier) and cluster occupancy on sm_90
+#                                                         -> OUTDIR/microbench.json, microbench.log
 #   2. JIT build of csrc/ (CUDA variant)                 -> OUTDIR/build.log
 #   3. the op and network tests: `cuda`-marked ones and the quick CPU op tests, against the CUDA build
 #                                                        -> OUTDIR/pytest.log, OUTDIR/pytest.xml

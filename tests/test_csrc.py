@@ -122,9 +122,11 @@ def test_v2_kernel_emulated_on_cpu_threads(tmp_path):
     """Kernel v2 on CPU threads: fragment layouts against the PTX tables, emulated mma.sync bit for bit
     against a naive GEMM, the planner on A100/H100/H200/L4 (ring and cluster modes), the whole kernel
     (bf16, fp16, 1xTF32, 3xTF32; forward and backward; ragged; ring mode and cluster mode, whose
-    blocks push into each other's shared memory) against a float64 oracle, the exchange protocol of
-    both modes under a memory that delays stores and serves stale loads (bitwise equal to plain
-    memory over many seeds), and a block that never publishes timing out with a record naming it."""
+    blocks push into each other's shared memory with st.async counted by mbarriers) against a float64
+    oracle, the exchange protocol of both modes (ring: a memory that delays stores and serves stale
+    loads; cluster: pushes that land late and in any order, waits that fail spuriously, each push
+    checked to land in its own phase) bitwise equal to plain memory over many seeds, and a block that
+    never publishes timing out with a record naming it (ring mode) or saying it cannot (cluster mode)."""
     cxx = find_cxx()
     nvcc = find_nvcc()
     if cxx is None or nvcc is None:
@@ -243,11 +245,13 @@ def test_c_program_on_gpu(built):
 # ---- csrc/microbench: the GPU latency microbenchmarks (scripts/gpu_check.sh runs them first) ------------
 MICROBENCH = CSRC / "microbench" / "microbench.cu"
 MICROBENCH_KERNELS = {"l2_chase_kernel", "pingpong_kernel", "all_to_all_kernel", "cluster_kernel",
-                      "cluster_occupancy_probe"}
-CLUSTER_PTX = ("barrier.cluster.arrive", "barrier.cluster.wait", "mapa", "ld.relaxed.cluster", "st.relaxed.cluster")
+                      "cluster_tx_kernel", "cluster_occupancy_probe"}
+CLUSTER_PTX = ("barrier.cluster.arrive", "barrier.cluster.wait", "mapa", "ld.relaxed.cluster", "st.relaxed.cluster",
+               "st.async.shared::cluster.mbarrier::complete_tx::bytes", "mbarrier.arrive.expect_tx",
+               "mbarrier.try_wait.parity", "fence.mbarrier_init")
 MICROBENCH_STATUSES = {"ok", "not_applicable", "refused", "timeout", "error"}
 MICROBENCH_FIGURES = {"l2_round_trip", "handoff_two_blocks", "handoff_all_to_all", "dsmem_handoff_two_blocks",
-                      "dsmem_all_to_all", "cluster_barrier_exchange", "max_active_clusters"}
+                      "dsmem_all_to_all", "cluster_barrier_exchange", "dsmem_tx_exchange", "max_active_clusters"}
 
 
 def test_microbench_host_logic(tmp_path):

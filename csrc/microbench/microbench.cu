@@ -16,6 +16,12 @@
 //                            each block writing its word into every peer's shared memory: us per step
 //   cluster_barrier_exchange sm_90: the same exchange ordered by the hardware cluster barrier instead of
 //                            polled tags (barrier.cluster arrive/wait each step): us per step
+//   dsmem_tx_exchange        sm_90: kernel v2's cluster-mode exchange with its own primitives (prnn_v2.cuh):
+//                            each block pushes W 4-byte payloads into every block of the cluster with
+//                            st.async, counted on the receiver's mbarrier of the slot, armed with
+//                            arrive.expect_tx, awaited with try_wait.parity; every payload checked. W = 1
+//                            (the hand-off floor) and 320 (what one of H=1152 bf16's 15 blocks publishes
+//                            for 8 sequences): us per step
 //   max_active_clusters      sm_90: cudaOccupancyMaxActiveClusters for clusters of 2, 4, 8, 16 blocks of
 //                            kernel v2's block shape (threads and shared memory of its plan for issue
 //                            11's bf16 H=1152 targets, N=4 and 64) and of a plain one-block-per-SM shape
@@ -77,6 +83,11 @@ constexpr int kClusterSizes[] = {2, 4, 8, 16};
 static_assert(kClusterThreads >= 2 * kMaxCluster, "one thread per inbox word zeroes the inbox");
 constexpr int kClusterAllToAllSizes[] = {8, 16};
 constexpr int kClusterBarrierSizes[] = {2, 8, 16};
+constexpr int kTxClusterSizes[] = {8, 15};        // 15: kernel v2's cluster at H=1152 bf16
+constexpr int kTxWords[] = {1, 320};              // payloads per block and step (320 = 40 words x 8 sequences)
+constexpr int kTxMaxWords = 320;
+constexpr int kTxThreads = 512;                   // kernel v2's block size class
+constexpr int kTxSmemBytes = 2 * kMaxCluster * kTxMaxWords * 4 + 2 * 8;  // ring slots, then 2 mbarriers
 constexpr int kMaxGrid = 1024;
 constexpr unsigned int kPollsPerClockCheck = 256;
 constexpr int kV2TargetHidden = 1152;             // issue 11's bf16 targets
@@ -230,7 +241,7 @@ __global__ void __launch_bounds__(kMaxGrid) all_to_all_kernel(HandoffArgs a) {
 }
 
 // ---- 4. thread-block clusters: DSMEM hand-offs (sm_90) ---------------------------------------------
-enum ClusterMode : int { kClusterPingPong = 0, kClusterAllToAll = 1, kClusterBarrier = 2 };
+enum ClusterMode : int { kClusterPingPong = 0, kClusterAllToAll = 1, kClusterBarrier = 2, kClusterTx = 3 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ unsigned long long load_relaxed_cluster(const unsigned long long* p) {
@@ -328,6 +339,67 @@ __global__ void __launch_bounds__(kClusterThreads) cluster_kernel(HandoffArgs a)
   }
   __syncwarp();
   cluster.sync();  // no block leaves while a peer may still write into its shared memory
+#endif
+}
+
+// Kernel v2's cluster-mode exchange alone (a.partner = W payloads per block and step): shared memory
+// holds the ring [2 slots][cluster size][W] of 4-byte payloads, then the slots' two mbarriers. Step s
+// pushes into slot s & 1 (its (s/2)-th phase) and waits for that phase; the same order as the kernel:
+// a slot is read, then __syncthreads and a cluster fence, before the block's next pushes. Compiled
+// without sm_90 code it does nothing (ran_cluster_code stays 0).
+__global__ void __launch_bounds__(kTxThreads) cluster_tx_kernel(HandoffArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned int rank = cluster.block_rank(), size = cluster.num_blocks();
+  const int words = a.partner, slot_words = static_cast<int>(size) * words;
+  uint32_t* ring = reinterpret_cast<uint32_t*>(prnn::dynamic_smem());
+  unsigned long long* bars = reinterpret_cast<unsigned long long*>(ring + 2 * kMaxCluster * kTxMaxWords);
+  for (int i = threadIdx.x; i < 2 * slot_words; i += blockDim.x) ring[i] = 0u;
+  if (threadIdx.x == 0) {
+    a.smids[blockIdx.x] = sm_id();
+    if (blockIdx.x == 0) a.watch->ran_cluster_code = 1;
+    prnn::mbar_init(bars, 1);
+    prnn::mbar_init(bars + 1, 1);
+    prnn::mbar_init_fence();
+  }
+  cluster.sync();  // rings zeroed and barriers initialised everywhere before any push
+  unsigned long long t0 = global_timer_ns();
+  for (unsigned int s = 0; s < static_cast<unsigned int>(a.iterations); ++s) {
+    if (s == 1) t0 = global_timer_ns();
+    const unsigned int slot = s & 1u;
+    uint32_t* in = ring + slot * slot_words;
+    for (int i = threadIdx.x; i < slot_words; i += blockDim.x) {  // (peer, word): word i % W of this block
+      const int w = i % words;
+      prnn::cluster_push(in + rank * words + w, bars + slot, static_cast<unsigned int>(i / words),
+                         payload_for(rank * words + w, s), s >> 1);
+    }
+    if (threadIdx.x == 0) prnn::mbar_arrive_expect_tx(bars + slot, static_cast<unsigned int>(slot_words) * 4u);
+    bool ok = true;
+    unsigned int polls = 0;
+    unsigned long long first_check_ns = 0;
+    while (ok && !prnn::mbar_try_wait(bars + slot, (s >> 1) & 1u)) {
+      if (++polls % kPollsPerClockCheck == 0) {
+        if (prnn::load_acquire_gpu(&a.watch->code) != kWatchOk) ok = false;
+        const unsigned long long now = global_timer_ns();
+        if (first_check_ns == 0) {
+          first_check_ns = now;
+        } else if (ok && now - first_check_ns > a.bound_ns) {
+          watch_fail(a.watch, kWatchTimeout, s, 0xFFFFFFFFu);  // the barrier counts bytes, not senders
+          ok = false;
+        }
+      }
+    }
+    for (int i = threadIdx.x; ok && i < slot_words; i += blockDim.x)
+      if (in[i] != payload_for(static_cast<unsigned int>(i), s)) {
+        watch_fail(a.watch, kWatchBadPayload, s, static_cast<unsigned int>(i / words));
+        ok = false;
+      }
+    if (__syncthreads_or(!ok)) break;
+    prnn::fence_cluster();  // this block's reads of the slot before its next pushes, as peers see them
+  }
+  if (rank == 0 && threadIdx.x == 0 && blockIdx.x == 0) *a.elapsed_ns = global_timer_ns() - t0;
+  cluster.sync();  // no block leaves while a peer may still push into its shared memory
 #endif
 }
 
@@ -565,29 +637,44 @@ cudaLaunchConfig_t cluster_config(int cluster, int threads, int smem, cudaLaunch
   return cfg;
 }
 
-mb::Figure cluster_figure(const Device& dev, const Options& o, const Scratch& s, int mode, int cluster) {
+// tx_words: kClusterTx's payloads per block and step.
+mb::Figure cluster_figure(const Device& dev, const Options& o, const Scratch& s, int mode, int cluster,
+                          int tx_words = 0) {
   mb::Figure fig;
   fig.name = mode == kClusterPingPong ? "dsmem_handoff_two_blocks"
              : mode == kClusterAllToAll ? "dsmem_all_to_all"
-                                        : "cluster_barrier_exchange";
+             : mode == kClusterBarrier  ? "cluster_barrier_exchange"
+                                        : "dsmem_tx_exchange";
   fig.unit = mode == kClusterPingPong ? "ns per one-way hand-off" : "us per step";
   const int its = iterations(o, mode == kClusterPingPong ? kClusterRoundTrips : kClusterSteps);
   fig.params.num("cluster_blocks", cluster).num(mode == kClusterPingPong ? "round_trips" : "steps", its)
       .flag("non_portable_cluster_size", cluster > 8)
       .str("word", mode == kClusterBarrier ? "exchange word into each peer's shared memory, then barrier.cluster"
-                                           : "exchange word stored into the peer's shared memory (st.relaxed.cluster), "
-                                             "polled there (ld.relaxed.cluster)");
+                   : mode == kClusterTx
+                       ? "4-byte payloads pushed into every block of the cluster (this one too) with st.async, "
+                         "counted by the receiver's mbarrier (arrive.expect_tx, try_wait.parity), every payload checked"
+                       : "exchange word stored into the peer's shared memory (st.relaxed.cluster), "
+                         "polled there (ld.relaxed.cluster)");
+  if (mode == kClusterTx) fig.params.num("payloads_per_block_per_step", tx_words);
   if (dev.cc_major < 9 || !dev.cluster_launch) {
     fig.status = "not_applicable";
     fig.reason = no_clusters_reason(dev);
     return fig;
   }
-  const void* fn = reinterpret_cast<const void*>(&cluster_kernel);
+  void (*kernel)(HandoffArgs) = mode == kClusterTx ? cluster_tx_kernel : cluster_kernel;
+  const int threads = mode == kClusterTx ? kTxThreads : kClusterThreads;
+  const void* fn = reinterpret_cast<const void*>(kernel);
   const int smem = one_per_sm_smem(dev);
+  if (mode == kClusterTx && smem < kTxSmemBytes) {
+    fig.status = "refused";
+    fig.reason = "the exchange's ring and barriers need " + std::to_string(kTxSmemBytes) +
+                 " bytes of shared memory per block; this device allows " + std::to_string(smem);
+    return fig;
+  }
   TRY(fig, cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   if (cluster > 8) TRY(fig, cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchAttribute attr;
-  cudaLaunchConfig_t cfg = cluster_config(cluster, kClusterThreads, smem, &attr);
+  cudaLaunchConfig_t cfg = cluster_config(cluster, threads, smem, &attr);
   int active = 0;
   TRY(fig, cudaOccupancyMaxActiveClusters(&active, fn, &cfg));
   fig.params.num("max_active_clusters", active);
@@ -597,12 +684,12 @@ mb::Figure cluster_figure(const Device& dev, const Options& o, const Scratch& s,
                  std::to_string(smem) + " bytes of shared memory each) fits on this device";
     return fig;
   }
-  HandoffArgs a = {s.words, s.watch, s.smids, s.elapsed, mode, its,
+  HandoffArgs a = {s.words, s.watch, s.smids, s.elapsed, mode == kClusterTx ? tx_words : mode, its,
                    static_cast<unsigned long long>(o.timeout_ms) * 1000000ull};
   std::vector<unsigned int> smids(cluster);
   for (int r = 0; r < o.repeats; ++r) {
     TRY(fig, cudaMemset(s.watch, 0, sizeof(Watch)));
-    TRY(fig, cudaLaunchKernelEx(&cfg, cluster_kernel, a));
+    TRY(fig, cudaLaunchKernelEx(&cfg, kernel, a));
     TRY(fig, cudaDeviceSynchronize());
     Watch w = {};
     if (!check_watch(fig, s, o.timeout_ms, &w)) return fig;
@@ -828,6 +915,10 @@ int main(int argc, char** argv) {
     add(cluster_figure(dev, opt, scratch, kClusterAllToAll, c), "cluster of " + std::to_string(c));
   for (int c : kClusterBarrierSizes)
     add(cluster_figure(dev, opt, scratch, kClusterBarrier, c), "cluster of " + std::to_string(c));
+  for (int c : kTxClusterSizes)
+    for (int w : kTxWords)
+      add(cluster_figure(dev, opt, scratch, kClusterTx, c, w),
+          "cluster of " + std::to_string(c) + ", " + std::to_string(w) + " payloads per block");
   cluster_occupancy(dev, &figures);
 
   int failures = 0;
