@@ -44,30 +44,36 @@ def test_a_doubtful_letter_makes_a_doubtful_word():
     assert utterance_confidence([]) is None
 
 
-@pytest.mark.parametrize("text,blurred", [("TO RED NIGHT", 4), ("SAT ON A MAT", 1)])
-def test_the_trained_model_doubts_the_words_it_gets_wrong(text, blurred, trained_run, letter_wave, letter_timing):
-    """One letter sounded halfway between two letters' tones: the words the model then gets wrong have
-    lower confidence than every word it gets right."""
+def test_the_trained_model_doubts_the_words_it_gets_wrong(trained_run, letter_wave, letter_timing):
+    """Each letter in turn sounded halfway between two letters' tones: over all these transcripts, the words
+    the model gets wrong have a lower mean confidence than the words it gets right.
+
+    Over many perturbations, not one: which words a single blurred letter breaks, and their confidences,
+    depend on the trained weights, which differ bit for bit between CPUs (their BLAS kernels differ); on
+    one machine a blurred letter broke every word of its sentence, leaving no right word to compare."""
     from asr.inference import Recognizer
 
     r = Recognizer.load(trained_run("bidirectional") / "last.ckpt")
-    wave = letter_wave(text, seed=7)
-    assert r.transcribe(wave.astype(np.float32)).text == text  # the model hears the clean sentence
-    start, end = letter_timing(text, blurred)
-    t = np.arange(end - start) / 16000
-    between = 300.0 * 1.13 ** (ord(text[blurred]) - ord("A") + 0.5)  # the letter tones' spacing, halved
-    wave[start:end] = 0.3 * np.sin(2 * np.pi * between * t) * np.hanning(end - start)
-    result = r.transcribe(wave.astype(np.float32))
-    assert result.text != text
-    right, wrong = [], []
-    split = confidence_by_correctness([text], [result.text], [[w.confidence for w in result.words]])
-    assert split["wrong_words"] >= 1 and split["right_words"] >= 1, result.text
-    import jiwer
-
-    [alignment] = jiwer.process_words(text, result.text).alignments
-    for chunk in alignment:
-        (right if chunk.type == "equal" else wrong).extend(result.words[chunk.hyp_start_idx:chunk.hyp_end_idx])
-    assert max(w.confidence for w in wrong) < min(w.confidence for w in right), result.words
+    references, hypotheses, confidences = [], [], []
+    for text in ("TO RED NIGHT", "SAT ON A MAT"):
+        clean = letter_wave(text, seed=7)
+        assert r.transcribe(clean.astype(np.float32)).text == text  # the model hears the clean sentence
+        for blurred, letter in enumerate(text):
+            if letter == " ":
+                continue
+            wave = clean.copy()
+            start, end = letter_timing(text, blurred)
+            t = np.arange(end - start) / 16000
+            between = 300.0 * 1.13 ** (ord(letter) - ord("A") + 0.5)  # the letter tones' spacing, halved
+            wave[start:end] = 0.3 * np.sin(2 * np.pi * between * t) * np.hanning(end - start)
+            result = r.transcribe(wave.astype(np.float32))
+            references.append(text)
+            hypotheses.append(result.text)
+            confidences.append([w.confidence for w in result.words])
+    assert sum(h != ref for h, ref in zip(hypotheses, references)) >= len(references) // 2, hypotheses
+    split = confidence_by_correctness(references, hypotheses, confidences)
+    assert split["wrong_words"] >= 3 and split["right_words"] >= 3, (split, hypotheses)
+    assert split["wrong_mean"] < split["right_mean"], (split, hypotheses)
 
 
 def test_right_and_wrong_words_are_told_apart_by_alignment():
