@@ -208,6 +208,23 @@ __device__ __forceinline__ void cluster_push(uint32_t* local, unsigned long long
   __trap();
 #endif
 }
+// Four consecutive payloads (16 bytes, `local` 16-byte aligned) in one st.async.v4: what the kernel's
+// epilogue could issue instead of four cluster_push calls. Used by the microbenchmark
+// (dsmem_tx_exchange, vector 4) to measure whether it pays; the kernel does not use it yet.
+__device__ __forceinline__ void cluster_push4(uint32_t* local, unsigned long long* local_bar, unsigned int rank,
+                                              const uint32_t (&v)[4]) {
+#ifdef PRNN_HAS_CLUSTERS
+  unsigned int remote, remote_bar;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_address(local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote_bar) : "r"(smem_address(local_bar)), "r"(rank));
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(remote),
+               "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"(remote_bar)
+               : "memory");
+#else
+  (void)local, (void)local_bar, (void)rank, (void)v;
+  __trap();
+#endif
+}
 // Orders this thread's earlier shared-memory reads (and the block's, after a __syncthreads) before
 // its later stores into the peers, as the peers observe them: a slot is overwritten only after it
 // was read.

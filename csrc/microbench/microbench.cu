@@ -21,7 +21,8 @@
 //                            st.async, counted on the receiver's mbarrier of the slot, armed with
 //                            arrive.expect_tx, awaited with try_wait.parity; every payload checked. W = 1
 //                            (the hand-off floor) and 320 (what one of H=1152 bf16's 15 blocks publishes
-//                            for 8 sequences): us per step
+//                            for 8 sequences), the latter also 4 payloads per st.async.v4 (whether the
+//                            kernel's pushes should be vectors): us per step
 //   max_active_clusters      sm_90: cudaOccupancyMaxActiveClusters for clusters of 2, 4, 8, 16 blocks of
 //                            kernel v2's block shape (threads and shared memory of its plan for issue
 //                            11's bf16 H=1152 targets, N=4 and 64) and of a plain one-block-per-SM shape
@@ -342,7 +343,8 @@ __global__ void __launch_bounds__(kClusterThreads) cluster_kernel(HandoffArgs a)
 #endif
 }
 
-// Kernel v2's cluster-mode exchange alone (a.partner = W payloads per block and step): shared memory
+// Kernel v2's cluster-mode exchange alone (a.partner = W payloads per block and step, negative: -W
+// pushed 4 at a time with st.async.v4; W a multiple of 4 then): shared memory
 // holds the ring [2 slots][cluster size][W] of 4-byte payloads, then the slots' two mbarriers. Step s
 // pushes into slot s & 1 (its (s/2)-th phase) and waits for that phase; the same order as the kernel:
 // a slot is read, then __syncthreads and a cluster fence, before the block's next pushes. Compiled
@@ -352,7 +354,8 @@ __global__ void __launch_bounds__(kTxThreads) cluster_tx_kernel(HandoffArgs a) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned int rank = cluster.block_rank(), size = cluster.num_blocks();
-  const int words = a.partner, slot_words = static_cast<int>(size) * words;
+  const bool vec4 = a.partner < 0;
+  const int words = vec4 ? -a.partner : a.partner, slot_words = static_cast<int>(size) * words;
   uint32_t* ring = reinterpret_cast<uint32_t*>(prnn::dynamic_smem());
   unsigned long long* bars = reinterpret_cast<unsigned long long*>(ring + 2 * kMaxCluster * kTxMaxWords);
   for (int i = threadIdx.x; i < 2 * slot_words; i += blockDim.x) ring[i] = 0u;
@@ -369,10 +372,17 @@ __global__ void __launch_bounds__(kTxThreads) cluster_tx_kernel(HandoffArgs a) {
     if (s == 1) t0 = global_timer_ns();
     const unsigned int slot = s & 1u;
     uint32_t* in = ring + slot * slot_words;
-    for (int i = threadIdx.x; i < slot_words; i += blockDim.x) {  // (peer, word): word i % W of this block
+    const int per_push = vec4 ? 4 : 1;
+    for (int i = threadIdx.x * per_push; i < slot_words; i += blockDim.x * per_push) {  // (peer, word i % W)
       const int w = i % words;
-      prnn::cluster_push(in + rank * words + w, bars + slot, static_cast<unsigned int>(i / words),
-                         payload_for(rank * words + w, s), s >> 1);
+      const unsigned int peer = static_cast<unsigned int>(i / words), first = rank * words + w;
+      if (vec4) {
+        const uint32_t v[4] = {payload_for(first, s), payload_for(first + 1, s), payload_for(first + 2, s),
+                               payload_for(first + 3, s)};
+        prnn::cluster_push4(in + first, bars + slot, peer, v);
+      } else {
+        prnn::cluster_push(in + first, bars + slot, peer, payload_for(first, s), s >> 1);
+      }
     }
     if (threadIdx.x == 0) prnn::mbar_arrive_expect_tx(bars + slot, static_cast<unsigned int>(slot_words) * 4u);
     bool ok = true;
@@ -637,7 +647,7 @@ cudaLaunchConfig_t cluster_config(int cluster, int threads, int smem, cudaLaunch
   return cfg;
 }
 
-// tx_words: kClusterTx's payloads per block and step.
+// tx_words: kClusterTx's payloads per block and step (negative: pushed 4 at a time, st.async.v4).
 mb::Figure cluster_figure(const Device& dev, const Options& o, const Scratch& s, int mode, int cluster,
                           int tx_words = 0) {
   mb::Figure fig;
@@ -655,7 +665,9 @@ mb::Figure cluster_figure(const Device& dev, const Options& o, const Scratch& s,
                          "counted by the receiver's mbarrier (arrive.expect_tx, try_wait.parity), every payload checked"
                        : "exchange word stored into the peer's shared memory (st.relaxed.cluster), "
                          "polled there (ld.relaxed.cluster)");
-  if (mode == kClusterTx) fig.params.num("payloads_per_block_per_step", tx_words);
+  if (mode == kClusterTx)
+    fig.params.num("payloads_per_block_per_step", tx_words < 0 ? -tx_words : tx_words)
+        .num("payloads_per_st_async", tx_words < 0 ? 4 : 1);
   if (dev.cc_major < 9 || !dev.cluster_launch) {
     fig.status = "not_applicable";
     fig.reason = no_clusters_reason(dev);
@@ -919,6 +931,9 @@ int main(int argc, char** argv) {
     for (int w : kTxWords)
       add(cluster_figure(dev, opt, scratch, kClusterTx, c, w),
           "cluster of " + std::to_string(c) + ", " + std::to_string(w) + " payloads per block");
+  for (int c : kTxClusterSizes)  // the kernel's volume again, 4 payloads per st.async
+    add(cluster_figure(dev, opt, scratch, kClusterTx, c, -kTxMaxWords),
+        "cluster of " + std::to_string(c) + ", " + std::to_string(kTxMaxWords) + " payloads per block, v4");
   cluster_occupancy(dev, &figures);
 
   int failures = 0;
