@@ -123,7 +123,8 @@ def test_v2_kernel_emulated_on_cpu_threads(tmp_path):
     against a naive GEMM, the planner on A100/H100/H200/L4 (ring and cluster modes), the whole kernel
     (bf16, fp16, 1xTF32, 3xTF32; forward and backward; ragged; ring mode and cluster mode, whose
     blocks push into each other's shared memory with st.async counted by mbarriers) against a float64
-    oracle, the exchange protocol of both modes (ring: a memory that delays stores and serves stale
+    oracle (also whole grids of real devices' plans: H100 H=1152 bf16 as one 15-block cluster, L4 and
+    A100 in ring mode), the exchange protocol of both modes (ring: a memory that delays stores and serves stale
     loads; cluster: pushes that land late and in any order, waits that fail spuriously, each push
     checked to land in its own phase) bitwise equal to plain memory over many seeds, and a block that
     never publishes timing out with a record naming it (ring mode) or saying it cannot (cluster mode)."""
@@ -143,8 +144,14 @@ def test_v2_kernel_emulated_on_cpu_threads(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "v2 emulation test: 0 failures" in result.stdout
     # Every kernel case and every protocol run printed a verdict (a case that silently did not run fails):
-    # 7 in ring mode, 5 in cluster mode (sm_90's DSMEM exchange), each plan in the mode it names.
-    assert len(re.findall(r"^ok   .*tolerance", result.stdout, re.M)) == 12, result.stdout
+    # 7 in ring mode, 5 in cluster mode (sm_90's DSMEM exchange), each plan in the mode it names, and 3
+    # whole grids of real devices' plans.
+    assert len(re.findall(r"^ok   .*tolerance", result.stdout, re.M)) == 15, result.stdout
+    # The headline shape's own plan, whole: one cluster of 15 blocks of 480 threads on an H100.
+    assert re.search(r"^ok   real H100 cluster .*\[v2 cluster .*15 blocks \(15/direction = one cluster.* x 480 threads",
+                     result.stdout, re.M), result.stdout
+    assert re.search(r"^ok   real L4 ring .*\[v2 ring .*36 blocks", result.stdout, re.M), result.stdout
+    assert re.search(r"^ok   real A100 ring .*\[v2 ring .*32 blocks", result.stdout, re.M), result.stdout
     assert len(re.findall(r"^ok   cluster .*tolerance .*\[v2 cluster ", result.stdout, re.M)) == 5, result.stdout
     assert len(re.findall(r"^ok   protocol .*\(ring mode\).*: 0 failed, 0 differ", result.stdout, re.M)) == 2, result.stdout
     assert len(re.findall(r"^ok   protocol .*\(cluster mode\).*: 0 failed, 0 differ", result.stdout, re.M)) == 1, result.stdout
