@@ -332,7 +332,7 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
   const int words_per_row = p.hidden_padded / p.elems_per_word;
   const bool b_layout = cluster ? p.b_word_bytes == 4 && p.b_row_words == words_per_row + 4
                                 : p.b_word_bytes == 8 && p.b_row_words == words_per_row + 2;
-  const long long bar_bytes = cluster ? kV2RingSlots * 8 : 0;
+  const long long bar_bytes = cluster ? kV2ClusterBarBytes : 0;
   if (!b_layout || p.smem_a_offset != 0 || p.smem_red_offset % kSmemAlign || p.smem_b_offset % kSmemAlign ||
       p.smem_len_offset % kSmemAlign || a_bytes > p.smem_red_offset || p.smem_red_offset + red_bytes > p.smem_b_offset ||
       p.smem_b_offset + b_bytes > p.smem_len_offset || p.smem_len_offset + len_bytes > p.smem_bytes ||
@@ -359,13 +359,14 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
   }
   if (cluster) {
     // A cluster's blocks are co-scheduled by the hardware; clusters are independent of each other.
-    if (p.blocks_per_dir > dev.max_cluster_blocks || p.blocks_per_dir > dev.sm_count || p.blocks_per_dir < 2) {
+    if (p.blocks_per_dir > dev.max_cluster_blocks || p.blocks_per_dir > dev.sm_count || p.blocks_per_dir < 2 ||
+        p.blocks_per_dir > kV2MaxClusterBlocks) {
       write_reason(reason, len, "v2 plan: clusters of %d blocks, the device allows 2 to %d", p.blocks_per_dir,
                    dev.max_cluster_blocks);
       return false;
     }
     // One step's pushes into a slot are counted on that slot's mbarrier.
-    const long long slot_bytes = static_cast<long long>(p.group_tiles) * kV2BatchTile * words_per_row * 4;
+    const long long slot_bytes = (static_cast<long long>(p.group_tiles) * kV2BatchTile * words_per_row + p.blocks_per_dir) * 4;
     if (slot_bytes > kV2MaxTxBytes) {
       write_reason(reason, len, "v2 plan: %lld bytes per ring slot exceed an mbarrier's %lld-byte transaction count",
                    slot_bytes, kV2MaxTxBytes);
@@ -485,7 +486,7 @@ bool v2_finish(const DeviceLimits& dev, long long b_rows, PlanV2* p, char* reaso
   p->smem_bar_offset = 0;
   if (p->mode == kV2ModeCluster) {
     p->smem_bar_offset = p->smem_bytes;  // len_bytes is a multiple of 16: 8-byte aligned
-    p->smem_bytes += kV2RingSlots * 8;
+    p->smem_bytes += kV2ClusterBarBytes;
   }
   p->blocks_per_sm = blocks_per_sm_for(dev, p->threads, p->regs_per_thread, p->smem_bytes);
   if (p->blocks_per_sm < 1) {
@@ -573,7 +574,7 @@ bool plan_v2_cluster(const DeviceLimits& dev, const ProblemShape& s, int precisi
   const long long usable = static_cast<long long>(usable_smem_per_block(dev));
   const auto [a_bytes, len_bytes, red_per_tile] = v2_smem_parts(p);
   const long long ring_per_tile = static_cast<long long>(kV2RingSlots) * kV2BatchTile * p.b_row_words * p.b_word_bytes;
-  const long long room = usable - a_bytes - len_bytes - 3 * kSmemAlign - kV2RingSlots * 8;
+  const long long room = usable - a_bytes - len_bytes - 3 * kSmemAlign - kV2ClusterBarBytes;
   const double weights_mib = mib(static_cast<double>(H) * H * s.elem_bytes * s.directions);
   if (room < ring_per_tile + red_per_tile) {
     const int in_regs = p.k_steps_per_warp - p.smem_steps;

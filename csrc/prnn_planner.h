@@ -152,8 +152,9 @@ PRNN_HD int plan_k_end(const Plan& p, int k_split) {
 //     max_cluster_blocks) form one cluster and each keeps its own two-slot ring in shared memory of
 //     bare 4-byte payloads (no tags): a block pushes each payload of its rows into every peer's ring
 //     with st.async, whose completion counts its bytes on the receiving block's mbarrier of that
-//     slot; the receiver arms the barrier with the bytes the step brings and waits for the phase
-//     (one wait per step instead of a poll per word). No global memory in the loop. The batch is cut into `groups` of group_tiles tiles of 8 sequences; each (group,
+//     slot, plus a 4-byte heartbeat from every block each step; the receiver arms the barrier with the
+//     bytes the step brings and waits for the phase (one wait per step instead of a poll per word). No
+//     global memory in the loop. The batch is cut into `groups` of group_tiles tiles of 8 sequences; each (group,
 //     direction) pair is its own cluster with its own copy of the weights, so clusters never talk
 //     to each other and need not all be resident (in `auto` the planner asks for one wave).
 //     Block b: rank b % blocks_per_dir (its rows), direction (b / blocks_per_dir) % D, group
@@ -199,7 +200,7 @@ struct PlanV2 {
   int b_row_words;      // hidden_padded / elems_per_word + 2 (8-byte words) or + 4 (4-byte words): the
                         // pad puts the 8 sequences of a B fragment in different banks
   int smem_len_offset;  // int [batch_padded] sequence lengths, then int [n_tiles] per-step tile flags
-  int smem_bar_offset;  // cluster mode: kV2RingSlots mbarriers (8 bytes each), one per ring slot; else 0
+  int smem_bar_offset;  // cluster mode: kV2ClusterBarBytes (the slots' mbarriers, then heartbeats); else 0
   int smem_bytes;
   long long ring_words; // ring mode: kV2RingSlots * D * batch_padded * (hidden_padded / elems_per_word); cluster: 0
   int mode;             // V2Mode (kV2ModeRing or kV2ModeCluster)
@@ -211,6 +212,11 @@ struct PlanV2 {
 };
 // mbarrier transaction counts are limited to 2^20 - 1 bytes per phase (PTX ISA, mbarrier contents).
 constexpr long long kV2MaxTxBytes = (1 << 20) - 1;
+// Cluster mode: the region at smem_bar_offset holds the slots' mbarriers, then per slot one 4-byte
+// heartbeat word per block of the cluster (at most 16), pushed every step so that every step's phase
+// waits for every peer.
+constexpr int kV2MaxClusterBlocks = 16;
+constexpr int kV2ClusterBarBytes = kV2RingSlots * 8 + kV2RingSlots * kV2MaxClusterBlocks * 4;
 
 // precision: kV2Mma16 for 16-bit storage (elem_bytes 2), kV2Tf32 or kV2Tf32x3 for fp32.
 // make_plan_v2 is mode kV2ModeAuto: cluster mode where the device has clusters, the layer fits one

@@ -36,7 +36,10 @@
 // producer saw the whole step s-1, i.e. after every block read slot s & 1 at step s-1 (a fence after
 // the block's __syncthreads orders those reads before its own pushes), so a push never lands in a
 // phase other than its own. A tile publishes only what the next step reads (kTileToNext), so the
-// bytes expected and the bytes pushed agree. A cluster barrier at the start (rings zeroed and barriers
+// bytes expected and the bytes pushed agree; every block also pushes a 4-byte heartbeat to every block
+// each step, after its last read of the step, so that no step's phase can complete without every peer
+// (a step with no ring input would otherwise expect 0 bytes and let blocks run ahead of their peers'
+// barriers). A cluster barrier at the start (rings zeroed and barriers
 // initialised everywhere before any push) and at the end (no block leaves while a peer may still push
 // into it; after a timeout a push may still be in flight there: the launch's outputs are void then).
 //
@@ -465,6 +468,7 @@ __device__ __forceinline__ bool v2_cluster_wait(const PlanV2& p, const KernelArg
       for (int tile = t_begin; tile < t_end; ++tile)
         if (flags_s[tile] & kTileFromRing)
           bytes += static_cast<unsigned int>(min(kV2BatchTile, p.batch - tile * kV2BatchTile) * Kw * 4);
+      bytes += static_cast<unsigned int>(p.blocks_per_dir) * 4;  // every block's heartbeat of step s-1
       mbar_arrive_expect_tx(bar, bytes);
     }
     const unsigned int parity = static_cast<unsigned int>((s - 1) >> 1) & 1u;  // the slot's ((s-1)/2)-th phase
@@ -518,6 +522,7 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
   unsigned long long* b_s = reinterpret_cast<unsigned long long*>(smem + p.smem_b_offset);  // ring mode: [chunk_tiles*8][b_row_words]
   uint32_t* ring_s = reinterpret_cast<uint32_t*>(smem + p.smem_b_offset);  // cluster mode: [2][group_tiles*8][b_row_words]
   unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + p.smem_bar_offset);  // cluster: one per slot
+  uint32_t* beats = reinterpret_cast<uint32_t*>(bars + kV2RingSlots);  // cluster: [slot][kV2MaxClusterBlocks]
   int* len_s = reinterpret_cast<int*>(smem + p.smem_len_offset);      // [batch_padded], then flags [n_tiles]
   int* flags_s = len_s + p.batch_padded;
 
@@ -719,6 +724,17 @@ persistent_rnn_v2_kernel(const PlanV2 p, const KernelArgs a) {
         }
       }
       __syncthreads();  // red_s, b_s and flags_s are reused
+    }
+    // Cluster mode: a heartbeat into every block's slot s & 1, after this block's last read of the step.
+    // Without it a step whose group has no ring input (tiles that all begin late, backward) would expect
+    // 0 bytes and need no peer: blocks would run ahead, and a push could land in a phase of its
+    // receiver's barrier that has not completed yet (the CPU emulation's protocol run caught that).
+    if (cluster && threadIdx.x == 0 && s + 1 < steps && publishes) {
+      fence_cluster();
+      const unsigned int rank = blockIdx.x % static_cast<unsigned int>(p.blocks_per_dir);
+      for (int r = 0; r < p.blocks_per_dir; ++r)
+        cluster_push(beats + (s & 1) * kV2MaxClusterBlocks + rank, bars + (s & 1), static_cast<unsigned int>(r),
+                     static_cast<uint32_t>(s + 1), static_cast<unsigned int>(s >> 1));
     }
   }
 leave:

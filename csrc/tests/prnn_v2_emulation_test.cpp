@@ -225,6 +225,7 @@ struct ClusterExchange {
   double p_delay = 0.0, p_spurious = 0.0;
   int max_delay = 1;
   unsigned long long tick = 0, pushes = 0, delayed = 0, spurious = 0;
+  std::atomic<unsigned long long> stalls{0};
   int errors = 0;
 
   void error(const char* what, unsigned long long x, unsigned long long y) {  // under the mutex
@@ -344,6 +345,12 @@ inline void mbar_init(unsigned long long* bar, unsigned int count) {
 }
 inline void mbar_init_fence() {}
 inline void mbar_arrive_expect_tx(unsigned long long* bar, unsigned int bytes) {
+  // Adversarial: a block is slow to reach a step now and then (its arming thread stalls), so that its
+  // peers run ahead of it wherever the protocol lets them.
+  if (g_cx.adversarial && std::uniform_real_distribution<double>(0.0, 1.0)(thread_rng()) < 0.1) {
+    g_cx.stalls.fetch_add(1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  }
   std::lock_guard<std::mutex> lock(g_cx.mutex);
   ++g_cx.tick;
   g_cx.flush_due();
@@ -1071,7 +1078,7 @@ void run_protocol(const Case& c, int seeds, std::mt19937& rng) {
     ++g_failures;
     return;
   }
-  unsigned long long delayed = 0, stale = 0;
+  unsigned long long delayed = 0, stale = 0, stalls = 0;
   int mismatches = 0, failures = 0;
   for (int seed = 1; seed <= seeds; ++seed) {
     // The global ring (ring mode) and the cluster exchange (cluster mode), both adversarial.
@@ -1081,11 +1088,13 @@ void run_protocol(const Case& c, int seeds, std::mt19937& rng) {
     g_ring.p_stale = prnn::g_cx.p_spurious = 0.3;
     g_ring.max_delay = prnn::g_cx.max_delay = 50 + 50 * (seed % 4);
     g_ring.delayed = g_ring.stale = prnn::g_cx.delayed = prnn::g_cx.spurious = 0;
+    prnn::g_cx.stalls = 0;
     prnn::g_cx.adversarial = true;
     Outputs got;
     const bool ok = run_both(c, pf, pb, in, &got, kLongTimeoutNs, -1);
     g_ring.adversarial = prnn::g_cx.adversarial = false;
     delayed += g_ring.delayed + prnn::g_cx.delayed;
+    stalls += prnn::g_cx.stalls;
     stale += g_ring.stale + prnn::g_cx.spurious;
     if (!ok) {
       ++failures;
@@ -1099,10 +1108,10 @@ void run_protocol(const Case& c, int seeds, std::mt19937& rng) {
                       memcmp(got.dh0.data(), plain.dh0.data(), 4 * got.dh0.size()) == 0;
     mismatches += !same;
   }
-  printf("%s protocol %s (%s mode): %d seeds, %llu stores delayed, %llu stale loads or spurious waits: %d failed, %d "
-         "differ from plain memory\n",
+  printf("%s protocol %s (%s mode): %d seeds, %llu stores delayed, %llu stale loads or spurious waits, %llu blocks "
+         "stalled: %d failed, %d differ from plain memory\n",
          failures + mismatches ? "FAIL" : "ok  ", c.name, pf.mode == prnn::kV2ModeCluster ? "cluster" : "ring", seeds, delayed,
-         stale, failures, mismatches);
+         stale, stalls, failures, mismatches);
   EXPECT(delayed > 0 && stale > 0, "%s: the adversarial memory did nothing", c.name);
   g_failures += failures + mismatches;
 }
