@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -146,12 +147,17 @@ def test_v2_kernel_emulated_on_cpu_threads(tmp_path):
     # Every kernel case and every protocol run printed a verdict (a case that silently did not run fails):
     # 7 in ring mode, 5 in cluster mode (sm_90's DSMEM exchange), each plan in the mode it names, and 3
     # whole grids of real devices' plans.
-    assert len(re.findall(r"^ok   .*tolerance", result.stdout, re.M)) == 15, result.stdout
+    # A real grid is skipped only where the machine allows fewer tasks than it has threads, and says so.
+    skipped = re.findall(r"^skip (real .*): \d+ threads, this machine allows \d+ tasks$", result.stdout, re.M)
+    for name in skipped:
+        warnings.warn(f"v2 emulation: {name} not run (too few tasks allowed on this machine)")
+    assert len(re.findall(r"^ok   .*tolerance", result.stdout, re.M)) == 15 - len(skipped), result.stdout
     # The headline shape's own plan, whole: one cluster of 15 blocks of 480 threads on an H100.
-    assert re.search(r"^ok   real H100 cluster .*\[v2 cluster .*15 blocks \(15/direction = one cluster.* x 480 threads",
-                     result.stdout, re.M), result.stdout
-    assert re.search(r"^ok   real L4 ring .*\[v2 ring .*36 blocks", result.stdout, re.M), result.stdout
-    assert re.search(r"^ok   real A100 ring .*\[v2 ring .*32 blocks", result.stdout, re.M), result.stdout
+    expected = {"real H100 cluster": r"\[v2 cluster .*15 blocks \(15/direction = one cluster.* x 480 threads",
+                "real L4 ring": r"\[v2 ring .*36 blocks", "real A100 ring": r"\[v2 ring .*32 blocks"}
+    for name, plan in expected.items():
+        assert any(s.startswith(name) for s in skipped) or re.search(rf"^ok   {name} .*{plan}", result.stdout, re.M), \
+            result.stdout
     assert len(re.findall(r"^ok   cluster .*tolerance .*\[v2 cluster ", result.stdout, re.M)) == 5, result.stdout
     assert len(re.findall(r"^ok   protocol .*\(ring mode\).*: 0 failed, 0 differ", result.stdout, re.M)) == 2, result.stdout
     assert len(re.findall(r"^ok   protocol .*\(cluster mode\).*: 0 failed, 0 differ", result.stdout, re.M)) == 1, result.stdout
