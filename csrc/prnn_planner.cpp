@@ -270,6 +270,17 @@ long long v2_ring_bytes_for(int batch, int directions, int hidden, int elem_byte
   return static_cast<long long>(kV2RingSlots) * directions * np * words_per_row * 8;
 }
 
+// The exchange words in shared memory for a mode: ring mode stages tagged 8-byte words (rows padded by 2
+// words), cluster mode keeps bare 4-byte payloads (rows padded by 4); either pad puts the 8 sequences of
+// a B fragment in different banks.
+namespace {
+void v2_exchange_layout(PlanV2* p, int mode) {
+  const int words_per_row = p->hidden_padded / p->elems_per_word;
+  p->b_word_bytes = mode == kV2ModeCluster ? 4 : 8;
+  p->b_row_words = words_per_row + (mode == kV2ModeCluster ? 4 : 2);
+}
+}  // namespace
+
 bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_t len) {
   const long long H = p.hidden;
   const bool mma16 = p.precision == kV2Mma16;
@@ -330,8 +341,9 @@ bool check_plan_v2(const DeviceLimits& dev, const PlanV2& p, char* reason, size_
   const long long b_rows = cluster ? v2_cluster_ring_rows(p) : static_cast<long long>(p.chunk_tiles) * kV2BatchTile;
   const long long b_bytes = b_rows * p.b_row_words * p.b_word_bytes;
   const int words_per_row = p.hidden_padded / p.elems_per_word;
-  const bool b_layout = cluster ? p.b_word_bytes == 4 && p.b_row_words == words_per_row + 4
-                                : p.b_word_bytes == 8 && p.b_row_words == words_per_row + 2;
+  PlanV2 layout = p;
+  v2_exchange_layout(&layout, p.mode);
+  const bool b_layout = p.b_word_bytes == layout.b_word_bytes && p.b_row_words == layout.b_row_words;
   const long long bar_bytes = cluster ? kV2ClusterBarBytes : 0;
   if (!b_layout || p.smem_a_offset != 0 || p.smem_red_offset % kSmemAlign || p.smem_b_offset % kSmemAlign ||
       p.smem_len_offset % kSmemAlign || a_bytes > p.smem_red_offset || p.smem_red_offset + red_bytes > p.smem_b_offset ||
@@ -416,8 +428,7 @@ bool v2_common(const ProblemShape& s, int precision, int regs_per_thread, PlanV2
   p->k_steps = p->hidden_padded / p->k_tile;
   p->batch_padded = static_cast<int>(round_up(s.batch, kV2BatchTile));
   p->n_tiles = p->batch_padded / kV2BatchTile;
-  p->b_word_bytes = 8;  // ring mode's tagged words; cluster mode sets 4-byte payloads
-  p->b_row_words = p->hidden_padded / p->elems_per_word + 2;
+  v2_exchange_layout(p, kV2ModeRing);  // cluster mode sets its own
   return true;
 }
 
@@ -569,8 +580,7 @@ bool plan_v2_cluster(const DeviceLimits& dev, const ProblemShape& s, int precisi
                  H, p.rows_per_block);
     return false;
   }
-  p.b_word_bytes = 4;  // bare payloads: the mbarrier's byte count says when a slot is complete
-  p.b_row_words = p.hidden_padded / p.elems_per_word + 4;
+  v2_exchange_layout(&p, kV2ModeCluster);  // bare payloads: the mbarrier's byte count says when a slot is full
   const long long usable = static_cast<long long>(usable_smem_per_block(dev));
   const auto [a_bytes, len_bytes, red_per_tile] = v2_smem_parts(p);
   const long long ring_per_tile = static_cast<long long>(kV2RingSlots) * kV2BatchTile * p.b_row_words * p.b_word_bytes;

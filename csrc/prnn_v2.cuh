@@ -124,9 +124,11 @@ __device__ __forceinline__ void ring_store(unsigned long long* p, unsigned long 
 __device__ __forceinline__ bool warp_any(bool v) { return __any_sync(0xffffffffu, v) != 0; }
 // 16 bytes (two exchange words) global -> shared, asynchronously, through L2 only (.cg: no L1 line
 // that could be stale). Each 8-byte word is validated by its tag and check byte after the copy.
+__device__ __forceinline__ unsigned int smem_address(const void* p) {
+  return static_cast<unsigned int>(__cvta_generic_to_shared(p));
+}
 __device__ __forceinline__ void async_copy16(void* smem_dst, const void* gmem_src) {
-  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_address(smem_dst)), "l"(gmem_src) : "memory");
 }
 __device__ __forceinline__ void async_copy_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
@@ -143,9 +145,6 @@ __device__ __forceinline__ void cluster_sync_all() {
 #else
   __trap();
 #endif
-}
-__device__ __forceinline__ unsigned int smem_address(const void* p) {
-  return static_cast<unsigned int>(__cvta_generic_to_shared(p));
 }
 // This block's mbarrier of a ring slot: `count` arrivals per phase (1: the thread that arms it).
 __device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned int count) {
@@ -192,6 +191,14 @@ __device__ __forceinline__ bool mbar_try_wait(unsigned long long* bar, unsigned 
   return false;
 #endif
 }
+#ifdef PRNN_HAS_CLUSTERS
+// mapa: the shared::cluster address, in block `rank` of the cluster, of what `local` is in this block.
+__device__ __forceinline__ unsigned int cluster_map(const void* local, unsigned int rank) {
+  unsigned int remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_address(local)), "r"(rank));
+  return remote;
+}
+#endif
 // One 4-byte payload into block `rank` of the cluster, at the offset `local` has in this block's
 // shared memory (the peers' layouts are the same); its completion counts 4 bytes on that block's
 // barrier at the offset of `local_bar`. `use`: the slot's phase it belongs to (checked by the CPU
@@ -200,11 +207,9 @@ __device__ __forceinline__ void cluster_push(uint32_t* local, unsigned long long
                                              uint32_t v, unsigned int use) {
   (void)use;
 #ifdef PRNN_HAS_CLUSTERS
-  unsigned int remote, remote_bar;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_address(local)), "r"(rank));
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote_bar) : "r"(smem_address(local_bar)), "r"(rank));
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(remote), "r"(v),
-               "r"(remote_bar)
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(
+                   cluster_map(local, rank)),
+               "r"(v), "r"(cluster_map(local_bar, rank))
                : "memory");
 #else
   (void)local, (void)local_bar, (void)rank, (void)v;
@@ -217,11 +222,9 @@ __device__ __forceinline__ void cluster_push(uint32_t* local, unsigned long long
 __device__ __forceinline__ void cluster_push4(uint32_t* local, unsigned long long* local_bar, unsigned int rank,
                                               const uint32_t (&v)[4]) {
 #ifdef PRNN_HAS_CLUSTERS
-  unsigned int remote, remote_bar;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_address(local)), "r"(rank));
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote_bar) : "r"(smem_address(local_bar)), "r"(rank));
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(remote),
-               "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"(remote_bar)
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(
+                   cluster_map(local, rank)),
+               "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"(cluster_map(local_bar, rank))
                : "memory");
 #else
   (void)local, (void)local_bar, (void)rank, (void)v;

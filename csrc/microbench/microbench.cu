@@ -132,29 +132,39 @@ __device__ void watch_fail(Watch* w, unsigned int code, unsigned int step, unsig
   }
 }
 
+// The bound of one spin loop, checked every kPollsPerClockCheck polls: true once another block has
+// given up or this wait passed bound_ns (recorded).
+struct Watchdog {
+  unsigned int polls = 0;
+  unsigned long long first_check_ns = 0;
+  __device__ __forceinline__ bool expired(Watch* watch, unsigned long long bound_ns, unsigned int step,
+                                          unsigned int peer) {
+    if (++polls % kPollsPerClockCheck != 0) return false;
+    if (prnn::load_acquire_gpu(&watch->code) != kWatchOk) return true;
+    const unsigned long long now = global_timer_ns();
+    if (first_check_ns == 0) {
+      first_check_ns = now;
+    } else if (now - first_check_ns > bound_ns) {
+      watch_fail(watch, kWatchTimeout, step, peer);
+      return true;
+    }
+    return false;
+  }
+};
+
 // Polls load() until it returns a word carrying `step` with an intact check byte. False when this
 // wait passed bound_ns (recorded) or another block has already given up.
 template <typename Load>
 __device__ __forceinline__ bool await_step(Load load, unsigned int step, unsigned int peer, Watch* watch,
                                            unsigned long long bound_ns, unsigned long long* word) {
-  unsigned int polls = 0;
-  unsigned long long first_check_ns = 0;
+  Watchdog watchdog;
   for (;;) {
     const unsigned long long w = load();
     if (v2_word_step(w) == step && v2_word_intact(w)) {
       *word = w;
       return true;
     }
-    if (++polls % kPollsPerClockCheck == 0) {
-      if (prnn::load_acquire_gpu(&watch->code) != kWatchOk) return false;
-      const unsigned long long now = global_timer_ns();
-      if (first_check_ns == 0) {
-        first_check_ns = now;
-      } else if (now - first_check_ns > bound_ns) {
-        watch_fail(watch, kWatchTimeout, step, peer);
-        return false;
-      }
-    }
+    if (watchdog.expired(watch, bound_ns, step, peer)) return false;
   }
 }
 
@@ -386,20 +396,9 @@ __global__ void __launch_bounds__(kTxThreads) cluster_tx_kernel(HandoffArgs a) {
     }
     if (threadIdx.x == 0) prnn::mbar_arrive_expect_tx(bars + slot, static_cast<unsigned int>(slot_words) * 4u);
     bool ok = true;
-    unsigned int polls = 0;
-    unsigned long long first_check_ns = 0;
-    while (ok && !prnn::mbar_try_wait(bars + slot, (s >> 1) & 1u)) {
-      if (++polls % kPollsPerClockCheck == 0) {
-        if (prnn::load_acquire_gpu(&a.watch->code) != kWatchOk) ok = false;
-        const unsigned long long now = global_timer_ns();
-        if (first_check_ns == 0) {
-          first_check_ns = now;
-        } else if (ok && now - first_check_ns > a.bound_ns) {
-          watch_fail(a.watch, kWatchTimeout, s, 0xFFFFFFFFu);  // the barrier counts bytes, not senders
-          ok = false;
-        }
-      }
-    }
+    Watchdog watchdog;
+    while (ok && !prnn::mbar_try_wait(bars + slot, (s >> 1) & 1u))
+      ok = !watchdog.expired(a.watch, a.bound_ns, s, 0xFFFFFFFFu);  // the barrier counts bytes, not senders
     for (int i = threadIdx.x; ok && i < slot_words; i += blockDim.x)
       if (in[i] != payload_for(static_cast<unsigned int>(i), s)) {
         watch_fail(a.watch, kWatchBadPayload, s, static_cast<unsigned int>(i / words));
