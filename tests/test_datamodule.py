@@ -303,3 +303,122 @@ def test_signal_augmentation_in_the_training_loader(corpus):
     assert torch.equal(dev, next(iter(plain.val_dataloader()))["features"])  # evaluation is never augmented
     with pytest.raises(UserError, match="data.augment.noise.p"):
         _datamodule(corpus, augment={"noise": {"p": 2}})
+
+
+# --- the feature cache (data.feature_cache_gb) ----------------------------------------------------
+
+def _count_audio_reads(monkeypatch) -> Counter:
+    import asr.data.datamodule as datamodule
+
+    reads = Counter()
+
+    def counting_load(path):
+        reads[path] += 1
+        return load_audio(path)
+
+    monkeypatch.setattr(datamodule, "load_audio", counting_load)
+    return reads
+
+
+def test_feature_cache_reads_each_utterance_once_and_changes_nothing(corpus, monkeypatch):
+    utts = _utterances(corpus)
+    cfg = FeatureConfig()
+    plain = UtteranceDataset(utts, CharTokenizer(), cfg, augment=True, spec_augment=False)
+    expected = [plain[(1, i)]["features"] for i in range(len(utts))]
+    reads = _count_audio_reads(monkeypatch)
+    cached = UtteranceDataset(utts, CharTokenizer(), cfg, augment=True, spec_augment=False, cache_bytes=10**9)
+    for epoch in range(3):
+        for i in range(len(utts)):
+            item = cached[(epoch, i)]
+            assert torch.equal(item["features"], expected[i]) and item["text"] == utts[i].text
+    assert sorted(reads.values()) == [1] * len(utts), "one read per utterance over three epochs"
+    assert cached._cached_bytes == sum(f.numel() * 4 for f in expected)
+
+
+def test_feature_cache_stops_at_its_size(corpus, monkeypatch):
+    utts = _utterances(corpus)
+    cfg = FeatureConfig()
+    sizes = [UtteranceDataset(utts, CharTokenizer(), cfg)[i]["features"].numel() * 4 for i in range(3)]
+    cap = sizes[0] + sizes[1] + sizes[2] // 2  # room for the first two only
+    reads = _count_audio_reads(monkeypatch)
+    ds = UtteranceDataset(utts, CharTokenizer(), cfg, cache_bytes=cap)
+    for epoch in range(2):
+        for i in range(3):
+            ds[(epoch, i)]
+    assert ds._cached_bytes == sizes[0] + sizes[1] <= cap
+    assert [reads[utts[i].path] for i in range(3)] == [1, 1, 2]
+
+
+def test_feature_cache_is_off_where_features_change_every_epoch(corpus):
+    from asr.data.augment import AugmentConfig
+
+    utts = _utterances(corpus)
+    cfg = FeatureConfig()
+    speed = UtteranceDataset(utts, CharTokenizer(), cfg, augment=True, speed_perturb=True, cache_bytes=10**9)
+    noisy = UtteranceDataset(utts, CharTokenizer(), cfg, augment=True, cache_bytes=10**9,
+                             augmentation=AugmentConfig.from_dict({"noise": {"p": 1.0}}))
+    assert speed.cache_bytes == noisy.cache_bytes == 0
+    speed[(0, 1)], noisy[(0, 1)]
+    assert not speed._cache and not noisy._cache
+
+
+def test_spec_augment_masks_cached_features_as_it_masks_computed_ones(corpus):
+    utts = _utterances(corpus)
+    cfg = FeatureConfig()
+    plain = UtteranceDataset(utts, CharTokenizer(), cfg, augment=True, seed=3)
+    cached = UtteranceDataset(utts, CharTokenizer(), cfg, augment=True, seed=3, cache_bytes=10**9)
+    clean = UtteranceDataset(utts, CharTokenizer(), cfg)[3]["features"]
+    for epoch in range(4):  # epoch 0 fills the cache, later epochs read it
+        masked = cached[(epoch, 3)]["features"]
+        assert torch.equal(masked, plain[(epoch, 3)]["features"])
+        assert (masked == 0).any() and not torch.equal(masked, clean)
+    assert torch.equal(cached._cache[3], clean), "the cache holds unmasked features"
+
+
+def test_datamodule_feature_cache_option(corpus):
+    dm = _datamodule(corpus, feature_cache_gb=0.5, num_workers=1)
+    train, dev = dm.train_dataloader(), dm.val_dataloader()
+    assert train.persistent_workers and dev.persistent_workers, "a worker's cache lasts as long as the worker"
+    assert train.dataset.cache_bytes == dev.dataset.cache_bytes == 500_000_000
+    assert [i for b in dev for i in b["ids"]] == [i for b in dev for i in b["ids"]] == ["3-30-0000", "3-30-0002", "3-30-0001"]
+    assert dm.dataloader_for(dm.test_utterances("dev")).dataset.cache_bytes == 0, "one evaluation pass: no cache"
+    off = _datamodule(corpus, num_workers=1)
+    assert not off.train_dataloader().persistent_workers and off.train_dataloader().dataset.cache_bytes == 0
+    with pytest.raises(UserError, match="data.feature_cache_gb"):
+        _datamodule(corpus, feature_cache_gb=-1)
+
+
+def _live_workers(iterator) -> list:
+    return [w for w in getattr(iterator, "_workers", []) if w.is_alive()]
+
+
+def test_persistent_workers_are_stopped_by_teardown_and_by_lightning_through_the_resumable_loader(corpus):
+    """Workers ignore SIGTERM, which is how multiprocessing ends daemon processes at exit: a persistent
+    worker (the feature cache's) left running hangs the trainer's exit. Lightning stops loaders through
+    `loader._iterator` (the resumable wrapper must hand it the wrapped loader's), and the data module's
+    teardown stops whatever is left."""
+    from pytorch_lightning.utilities.combined_loader import _shutdown_workers_and_reset_iterator
+
+    from asr.training.resume import ResumableLoader
+
+    dm = _datamodule(corpus, feature_cache_gb=0.5, num_workers=1)
+    started = []
+    try:
+        train = ResumableLoader(dm.train_dataloader())
+        assert sum(1 for _ in train) > 0
+        iterator = train.loader._iterator
+        started.append(iterator)
+        assert train._iterator is iterator and len(_live_workers(iterator)) == 1, "a persistent worker stays"
+        _shutdown_workers_and_reset_iterator(train)  # what Lightning does at the end of fit
+        assert train.loader._iterator is None and not _live_workers(iterator)
+
+        dev = dm.val_dataloader()
+        assert sum(1 for _ in dev) > 0
+        iterator = dev._iterator
+        started.append(iterator)
+        assert len(_live_workers(iterator)) == 1
+        dm.teardown("fit")
+        assert dev._iterator is None and not _live_workers(iterator)
+    finally:  # a failure here must not leave a worker that hangs pytest's own exit
+        for iterator in started:
+            iterator._shutdown_workers()

@@ -28,7 +28,7 @@ from asr.data.features import FeatureConfig, LogMel, SpecAugment, random_speed, 
 from asr.data.librispeech import load_split
 from asr.data.manifest import Utterance
 from asr.data.tokenizer import SentencePieceTokenizer, Tokenizer, build_tokenizer, tokenizer_from_state
-from asr.errors import AudioError, UserError
+from asr.errors import AudioError, UserError, check_range
 from asr.fileio import atomic_write_bytes
 
 DURATION_BUCKET_SECONDS = 0.5  # utterances this close in length are interchangeable when shuffling
@@ -124,11 +124,17 @@ class DurationBatchSampler(Sampler):
 
 class UtteranceDataset(Dataset):
     """Loads audio and computes features on the fly; augmentation is seeded by (seed, epoch, index),
-    so a resumed run sees exactly the batches an uninterrupted run would."""
+    so a resumed run sees exactly the batches an uninterrupted run would.
+
+    With `cache_bytes` > 0, an utterance's features are kept in memory (in the process that loads
+    them: the loader's worker, which must then be persistent) until that many bytes are held, when
+    they are the same every epoch: no signal augmentation and no speed perturbation. SpecAugment
+    masks a copy, after the cache. A cached utterance costs no audio read or STFT in later epochs.
+    """
 
     def __init__(self, utterances: list[Utterance], tokenizer: Tokenizer, feature_config: FeatureConfig,
                  augment: bool = False, spec_augment: bool = True, speed_perturb: bool = False, seed: int = 0,
-                 augmentation: AugmentConfig | None = None):
+                 augmentation: AugmentConfig | None = None, cache_bytes: int = 0):
         self.utterances = utterances
         self.tokenizer = tokenizer
         self.logmel = LogMel(feature_config)
@@ -139,6 +145,9 @@ class UtteranceDataset(Dataset):
         # signal augmentation (asr.data.augment), training only; babble is made of other training utterances
         self.augmenter = (Augmenter(augmentation, babble_source=self._babble_talker)
                           if augment and augmentation is not None and augmentation.enabled else None)
+        self.cache_bytes = cache_bytes if self.augmenter is None and not self.speed_perturb else 0
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cached_bytes = 0
 
     def _babble_talker(self, rng: random.Random) -> torch.Tensor:
         """A random other utterance's wave (a silent second if it cannot be read: babble never fails a batch)."""
@@ -154,6 +163,10 @@ class UtteranceDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         utt = self.utterances[index]
+        cached = self._cache.get(index)
+        if cached is not None:
+            feats = cached if self.spec_augment is None else self._spec_augmented(cached, epoch, index)
+            return self._item(utt, feats)
         try:
             wave = load_audio(utt.path)
         except AudioError as err:
@@ -172,8 +185,22 @@ class UtteranceDataset(Dataset):
                 feats = self.logmel(wave)  # (T, F)
             else:  # vocal-tract-length perturbation: a warped mel filterbank
                 feats = self.logmel.normalize(vtlp_log_mel(self.logmel, wave, alpha))  # (T, F)
+            nbytes = feats.numel() * feats.element_size()
+            if self.cache_bytes and self._cached_bytes + nbytes <= self.cache_bytes:
+                self._cache[index] = feats
+                self._cached_bytes += nbytes
             if self.spec_augment is not None:
-                feats = self.spec_augment(feats)
+                feats = self.spec_augment(feats.clone() if index in self._cache else feats)
+        return self._item(utt, feats)
+
+    def _spec_augmented(self, feats: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        """SpecAugment's masks on a copy of cached features: the same masks as when they are computed, whose
+        path draws nothing from torch's generator before SpecAugment when the cache is in use."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.spec_augment(feats.clone())
+
+    def _item(self, utt: Utterance, feats: torch.Tensor) -> dict:
         return {"features": feats, "targets": self.tokenizer.encode(utt.text), "text": utt.text,
                 "id": utt.id, "duration": utt.duration}
 
@@ -222,9 +249,14 @@ class ASRDataModule(L.LightningDataModule):
                  vocab_size: int = 256, sp_model_type: str = "unigram", max_batch_seconds: float = 120.0,
                  num_workers: int = 2, sortagrad: bool = True, spec_augment: bool = True,
                  speed_perturb: bool = False, n_mels: int = 80, seed: int = 0,
-                 limit_utterances: int | None = None, augment: dict | None = None):
+                 limit_utterances: int | None = None, augment: dict | None = None, feature_cache_gb: float = 0.0):
         """augment: signal augmentation of training audio, per transform a probability and its ranges,
-        e.g. {"noise": {"p": 0.3, "snr_db": [10, 30]}, "reverb": {"p": 0.2}} (asr.data.augment.AugmentConfig)."""
+        e.g. {"noise": {"p": 0.3, "snr_db": [10, 30]}, "reverb": {"p": 0.2}} (asr.data.augment.AugmentConfig).
+        feature_cache_gb: keep up to this many GB of training and dev features in memory (each loader's,
+        in its worker, which then persists across epochs), so that later epochs and dev passes read no
+        audio; used only where the features are the same every epoch (no signal augmentation or speed
+        perturbation; SpecAugment is applied after the cache). 0 turns it off. The log-mel features of an
+        hour of audio take 0.115 GB (float32, 80 channels)."""
         super().__init__()
         self.augmentation = AugmentConfig.from_dict(augment)  # UserError naming a bad key, before any work
         self.root = root
@@ -234,11 +266,14 @@ class ASRDataModule(L.LightningDataModule):
         self.sortagrad, self.spec_augment, self.speed_perturb = sortagrad, spec_augment, speed_perturb
         self.seed = seed
         self.limit_utterances = limit_utterances
+        check_range("data.feature_cache_gb", feature_cache_gb, low=0.0)
+        self.feature_cache_bytes = int(feature_cache_gb * 1e9)
         self.feature_config = FeatureConfig(n_mels=n_mels)
         self.n_mels = n_mels
         self.train_utterances = [u for s in self.train_splits for u in self._split(s)]
         self.tokenizer = self._tokenizer(tokenizer, vocab_size, sp_model_type)
         self._train_sampler: DurationBatchSampler | None = None
+        self._persistent_loaders: list[DataLoader] = []  # stopped by teardown()
 
     @property
     def vocab_size(self) -> int:
@@ -278,7 +313,7 @@ class ASRDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def _loader(self, utterances: list[Utterance], train: bool) -> DataLoader:
+    def _loader(self, utterances: list[Utterance], train: bool, cache: bool = False) -> DataLoader:
         if not utterances:
             raise UserError(f"{self.root}: no utterances to load")
         rank, world = self._rank_and_world()
@@ -286,18 +321,34 @@ class ASRDataModule(L.LightningDataModule):
                                        sortagrad=self.sortagrad, seed=self.seed, rank=rank, world_size=world)
         dataset = UtteranceDataset(utterances, self.tokenizer, self.feature_config, augment=train,
                                    spec_augment=self.spec_augment, speed_perturb=self.speed_perturb, seed=self.seed,
-                                   augmentation=self.augmentation)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                          worker_init_fn=ignore_stop_signals if self.num_workers else None)
+                                   augmentation=self.augmentation,
+                                   cache_bytes=self.feature_cache_bytes if cache else 0)
+        # A worker's cache lives as long as the worker: kept across epochs when there is one to keep.
+        persistent = self.num_workers > 0 and dataset.cache_bytes > 0
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                            persistent_workers=persistent, pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=ignore_stop_signals if self.num_workers else None)
+        if persistent:
+            self._persistent_loaders.append(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """Stop persistent workers (Lightning calls this after fit). They ignore SIGTERM, which is how
+        multiprocessing ends daemon processes at exit, so one left running would hang the exit."""
+        for loader in self._persistent_loaders:
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            loader._iterator = None
+        self._persistent_loaders = []
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader(self.train_utterances, train=True)
+        loader = self._loader(self.train_utterances, train=True, cache=True)
         self._train_sampler = loader.batch_sampler
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._split(self.dev_split), train=False)
+        return self._loader(self._split(self.dev_split), train=False, cache=True)
 
     def test_utterances(self, split: str) -> list[Utterance]:
         return self._split(split)

@@ -30,6 +30,18 @@ class ResumableLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    # Lightning stops a loader's workers at the end of fit through `loader._iterator`
+    # (combined_loader._shutdown_workers_and_reset_iterator): here that is the wrapped loader's. Without
+    # it, a persistent worker (data.feature_cache_gb) outlived training, and since workers ignore SIGTERM
+    # (DataLoader's exit handler sends them that), the process hung at exit.
+    @property
+    def _iterator(self):
+        return getattr(self.loader, "_iterator", None)
+
+    @_iterator.setter
+    def _iterator(self, value) -> None:
+        self.loader._iterator = value
+
     def __iter__(self):
         self.consumed, self._resumed_at = self._resumed_at, 0
         for batch in self.loader:
