@@ -173,12 +173,12 @@ class UtteranceDataset(Dataset):
             print(f"warning: skipping {utt.id}: {err}")
             return None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            torch.manual_seed(self._seed(epoch, index))
             if self.speed_perturb:
                 wave = speed_perturb(wave, random_speed(random.Random(int(torch.randint(1 << 30, ())))))
             alpha = None
             if self.augmenter is not None:
-                rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+                rng = random.Random(self._seed(epoch, index))
                 wave, _ = self.augmenter.wave(wave, rng)
                 alpha = self.augmenter.vtlp_factor(rng)
             if alpha is None:
@@ -197,8 +197,12 @@ class UtteranceDataset(Dataset):
         """SpecAugment's masks on a copy of cached features: the same masks as when they are computed, whose
         path draws nothing from torch's generator before SpecAugment when the cache is in use."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            torch.manual_seed(self._seed(epoch, index))
             return self.spec_augment(feats.clone())
+
+    def _seed(self, epoch: int, index: int) -> int:
+        """The seed of one utterance's draws in one epoch."""
+        return (self.seed * 1_000_003 + epoch) * 10_000_019 + index
 
     def _item(self, utt: Utterance, feats: torch.Tensor) -> dict:
         return {"features": feats, "targets": self.tokenizer.encode(utt.text), "text": utt.text,
